@@ -1,0 +1,162 @@
+"""Which implementation runs an op, and why the others did not.
+
+Backends declare what they support as data (devices, dtypes, what must be importable); the
+dispatcher takes the first backend of the requested kind with no reason against it, or raises
+listing every backend's reasons. The requested kind comes from ``with dk.backend(...)`` or the
+``DEEPENCODER_KERNELS_BACKEND`` environment variable (default ``auto``).
+
+Kinds: ``reference`` (plain PyTorch, anywhere), ``triton`` (compiled kernels, CUDA tensors),
+``triton-interpret`` (the same kernels through Triton's CPU interpreter, for tests), ``cpp``
+(the C++ extension; CPU, or CUDA when built with CUDA), ``auto`` (the fastest usable one).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+KINDS = ("auto", "reference", "triton", "triton-interpret", "cpp")
+ENV_VAR = "DEEPENCODER_KERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op and what it can run on."""
+
+    name: str                                  # one of KINDS except "auto"
+    impl: Callable                             # called with the op's validated arguments
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    requires: tuple[Callable[[], str | None], ...] = ()   # each returns a reason or None
+    custom_op: bool = True                     # False: traced as plain torch ops (the reference)
+
+    def reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        out = []
+        if device.type not in self.devices:
+            out.append(f"device {device.type} not in {self.devices}")
+        if dtype not in self.dtypes:
+            out.append(f"dtype {dtype} not in {[str(d) for d in self.dtypes]}")
+        out.extend(r for r in (req() for req in self.requires) if r)
+        return out
+
+
+@dataclass
+class Choice:
+    """What ran an op call: the backend, and each refused backend with its reasons."""
+
+    op: str
+    backend: str
+    refused: dict[str, list[str]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        why = "; ".join(f"{b}: {', '.join(r)}" for b, r in self.refused.items())
+        return f"{self.op} -> {self.backend}" + (f" (not used: {why})" if why else "")
+
+
+_REGISTRY: dict[str, list[Backend]] = {}
+# A stack rather than a contextvar: torch.compile can read (and guard on) a module attribute.
+_REQUESTED: list[str] = []
+_LAST: dict[str, Choice] = {}
+
+
+def register(op: str, backend: Backend) -> None:
+    _REGISTRY.setdefault(op, []).append(backend)
+
+
+def backends_of(op: str) -> list[Backend]:
+    return list(_REGISTRY.get(op, ()))
+
+
+def requested_kind() -> str:
+    kind = _REQUESTED[-1] if _REQUESTED else os.environ.get(ENV_VAR, "auto")
+    if kind not in KINDS:
+        raise ValueError(f"backend must be one of {KINDS}, got {kind!r} (from {ENV_VAR} or dk.backend)")
+    return kind
+
+
+@contextlib.contextmanager
+def backend(kind: str):
+    """Run the ops inside the block on ``kind`` (``auto``, ``reference``, ``triton``,
+    ``triton-interpret`` or ``cpp``); an op that cannot run there raises, listing the reasons."""
+    if kind not in KINDS:
+        raise ValueError(f"backend must be one of {KINDS}, got {kind!r}")
+    _REQUESTED.append(kind)
+    try:
+        yield
+    finally:
+        _REQUESTED.pop()
+
+
+# Order in which ``auto`` tries backends on each device: fused first, the oracle last.
+AUTO_ORDER = {
+    "cuda": ("triton", "cpp", "reference"),
+    "cpu": ("cpp", "reference"),
+}
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    kind = requested_kind()
+    candidates = _REGISTRY.get(op, [])
+    order = AUTO_ORDER.get(device.type, ("reference",)) if kind == "auto" else (kind,)
+    refused: dict[str, list[str]] = {}
+    for name in order:
+        for b in candidates:
+            if b.name != name:
+                continue
+            reasons = b.reasons(device, dtype)
+            if not reasons:
+                _LAST[op] = Choice(op, b.name, refused)
+                return b
+            refused[b.name] = reasons
+    for b in candidates:
+        if b.name not in order:
+            refused.setdefault(b.name, ["not requested" if kind != "auto" else "not tried on this device"])
+    for name in order:
+        if not any(b.name == name for b in candidates):
+            refused.setdefault(name, ["no such backend for this op"])
+    listing = "\n".join(f"  {b}: {', '.join(r)}" for b, r in refused.items())
+    raise RuntimeError(
+        f"no backend can run {op} on device={device.type}, dtype={dtype} with backend={kind!r}:\n{listing}"
+    )
+
+
+def last_backends() -> dict[str, Choice]:
+    """The backend chosen for the most recent call of each op (a copy)."""
+    return dict(_LAST)
+
+
+def clear_last_backends() -> None:
+    _LAST.clear()
+
+
+# ---- requirement checks shared by backends --------------------------------------------------
+
+
+@functools.lru_cache(None)
+def _module_missing(name: str) -> str | None:
+    return None if importlib.util.find_spec(name) is not None else f"python package '{name}' is not installed"
+
+
+def needs_module(name: str) -> Callable[[], str | None]:
+    return lambda: _module_missing(name)
+
+
+def needs_cuda() -> str | None:
+    return None if torch.cuda.is_available() else "torch has no usable CUDA device"
+
+
+def available(ops: Iterable[str] | None = None) -> dict[str, dict[str, list[str]]]:
+    """For each op and backend: [] if usable here for a CPU/CUDA float tensor, else the reasons."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = {}
+    for op in ops or sorted(_REGISTRY):
+        table[op] = {}
+        for b in _REGISTRY.get(op, []):
+            dtype = b.dtypes[0] if b.dtypes else torch.float32
+            table[op][b.name] = b.reasons(device, dtype)
+    return table

@@ -1,0 +1,6 @@
+"""Thin nn.Modules with DeepSeek-OCR's parameter names; their math goes through ``ops``."""
+from .clip import ClipAttention, ClipVisionModel
+from .encoder import DeepEncoder, MlpProjector
+from .sam import RelPosAttention, SamBlock, SamEncoder
+
+__all__ = ["ClipAttention", "ClipVisionModel", "DeepEncoder", "MlpProjector", "RelPosAttention", "SamBlock", "SamEncoder"]

@@ -1,0 +1,101 @@
+"""DeepEncoder: SAM trunk -> compressor -> CLIP -> concat -> projector -> token layout."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import config as cfg
+from ..preprocess import Views, preprocess
+from .clip import ClipVisionModel
+from .sam import SamEncoder
+
+
+class MlpProjector(nn.Module):
+    """``projector.layers``: one Linear 2048 -> 1280."""
+
+    def __init__(self, in_dim: int = cfg.PROJ_IN, out_dim: int = cfg.PROJ_OUT):
+        super().__init__()
+        self.layers = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class DeepEncoder(nn.Module):
+    """The vision side of DeepSeek-OCR, with the checkpoint's names (no ``model.`` prefix).
+
+    ``sam_model(pixels) -> [B, 1024, h, w]``, ``vision_model(pixels, sam_features)``,
+    ``projector(x)``, ``image_newline`` and ``view_seperator`` (sic) as upstream has them.
+    """
+
+    def __init__(self, sam: SamEncoder | None = None, clip: ClipVisionModel | None = None,
+                 projector: MlpProjector | None = None):
+        super().__init__()
+        self.sam_model = sam or SamEncoder()
+        self.vision_model = clip or ClipVisionModel()
+        self.projector = projector or MlpProjector()
+        dim = self.projector.layers.out_features
+        self.image_newline = nn.Parameter(torch.zeros(dim))
+        self.view_seperator = nn.Parameter(torch.zeros(dim))
+
+    # -- weights ---------------------------------------------------------------------------
+    def load_checkpoint(self, path, strict: bool = True):
+        from ..checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path, strict=strict)
+
+    # -- one batch of same-size views -------------------------------------------------------
+    def view_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> projected grid features [B, h*w, 1280] (no newlines)."""
+        sam_tokens = self.sam_model.tokens(pixels)                     # [B, h*w, 1024]
+        clip_tokens = self.vision_model.from_tokens(sam_tokens)        # [B, h*w + 1, 1024]
+        return self.projector(torch.cat([clip_tokens[:, 1:], sam_tokens], dim=-1))
+
+    def with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        """[rows, cols, D] -> [rows * (cols + 1), D]: image_newline after every row."""
+        rows, _, D = grid.shape
+        newline = self.image_newline.to(grid.dtype).expand(rows, 1, D)
+        return torch.cat([grid, newline], dim=1).reshape(-1, D)
+
+    def layout(self, global_feats: torch.Tensor, tile_feats: torch.Tensor | None = None,
+               grid: tuple[int, int] = (1, 1)) -> torch.Tensor:
+        """Upstream's token order: [tile grid rows + newlines], [global rows + newlines], separator."""
+        D = global_feats.shape[-1]
+        g = int(global_feats.shape[0] ** 0.5)
+        parts = []
+        if tile_feats is not None:
+            n_w, n_h = grid
+            t = int(tile_feats.shape[1] ** 0.5)
+            # [n_h, n_w, t, t, D] -> rows that run across the tiles of one tile row
+            local = tile_feats.view(n_h, n_w, t, t, D).permute(0, 2, 1, 3, 4).reshape(n_h * t, n_w * t, D)
+            parts.append(self.with_newlines(local))
+        parts.append(self.with_newlines(global_feats.view(g, g, D)))
+        parts.append(self.view_seperator.to(global_feats.dtype)[None])
+        return torch.cat(parts)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed views [B, 3, S, S] in [-1, 1] -> [B, h*(w+1) + 1, 1280]."""
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
+            shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"pixels must be [B, 3, S, S], got {shape}")
+        B, _, H, W = pixels.shape
+        if H != W or H % (cfg.SAM_PATCH * 4):
+            raise ValueError(f"pixels must be square with a side divisible by 64, got {H}x{W}")
+        feats = self.view_features(pixels)
+        return torch.stack([self.layout(f) for f in feats])
+
+    def encode_views(self, views: Views) -> torch.Tensor:
+        dtype = self.projector.layers.weight.dtype
+        device = self.projector.layers.weight.device
+        global_feats = self.view_features(views.global_view[None].to(device, dtype))[0]
+        tile_feats = None
+        if views.tiles is not None:
+            tile_feats = self.view_features(views.tiles.to(device, dtype))
+        return self.layout(global_feats, tile_feats, views.grid)
+
+    @torch.no_grad()
+    def encode(self, images, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS) -> list[torch.Tensor]:
+        """PIL images or paths (one or a list) -> one ``[n_tokens, 1280]`` tensor per image."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return [self.encode_views(preprocess(img, mode, max_crops)) for img in images]

@@ -1,0 +1,145 @@
+"""SAM-base trunk + neck/compressor with DeepSeek-OCR's parameter names (``sam_model.*``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import config as cfg
+from .. import ops
+from ..reference import layer_norm_2d
+
+
+def resize_abs_pos(pos_embed: torch.Tensor, size: int) -> torch.Tensor:
+    """[1, G, G, C] -> [1, size, size, C]: bicubic, antialias, in fp32, cast back (upstream rule)."""
+    if pos_embed.shape[1] == size:
+        return pos_embed
+    grid = pos_embed.permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return grid.to(pos_embed.dtype).permute(0, 2, 3, 1)
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor (biased variance)."""
+
+    def __init__(self, channels: int, eps: float = cfg.SAM_LN_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        return layer_norm_2d(x, self.weight, self.bias, self.eps)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.SAM_DIM, cfg.SAM_PATCH, cfg.SAM_PATCH)
+
+    def forward(self, pixels):
+        return self.proj(pixels).permute(0, 2, 3, 1)  # channels-last [B, H, W, C]
+
+
+class RelPosAttention(nn.Module):
+    """SAM attention: qkv Linear, rel-pos attention (windowed or global), proj Linear."""
+
+    def __init__(self, dim: int, num_heads: int, rel_pos_size: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, dim // num_heads))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, dim // num_heads))
+
+    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+        # qkv runs on the real tokens only: upstream's zero-padded tokens come out of the qkv
+        # Linear as exactly its bias, which the op takes as ``pad_kv``.
+        qkv = self.qkv(x)
+        out = ops.rel_pos_attention(qkv, self.rel_pos_h, self.rel_pos_w, self.num_heads, window_size, self.qkv.bias)
+        return self.proj(out)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.lin2(F.gelu(self.lin1(x)))
+
+
+class SamBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window_size: int, rel_pos_size: int):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.SAM_LN_EPS)
+        self.attn = RelPosAttention(dim, num_heads, rel_pos_size)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.SAM_LN_EPS)
+        self.mlp = MLPBlock(dim, cfg.SAM_MLP_DIM if dim == cfg.SAM_DIM else 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x), self.window_size)
+        return x + self.mlp(self.norm2(x))
+
+
+class SamEncoder(nn.Module):
+    """``sam_model``: pixels [B, 3, S, S] -> features [B, 1024, S/64, S/64] (a channels-last view).
+
+    The width/depth arguments exist so tests can build small models with the same code paths.
+    """
+
+    def __init__(
+        self,
+        dim: int = cfg.SAM_DIM,
+        depth: int = cfg.SAM_DEPTH,
+        num_heads: int = cfg.SAM_HEADS,
+        window_size: int = cfg.SAM_WINDOW,
+        global_blocks=cfg.SAM_GLOBAL_BLOCKS,
+        neck_dim: int = cfg.SAM_NECK_DIM,
+        out_dim: int = cfg.SAM_OUT_DIM,
+    ):
+        super().__init__()
+        self.patch_embed = PatchEmbed()
+        if dim != cfg.SAM_DIM:
+            self.patch_embed.proj = nn.Conv2d(3, dim, cfg.SAM_PATCH, cfg.SAM_PATCH)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.SAM_POS_GRID, cfg.SAM_POS_GRID, dim))
+        self.blocks = nn.ModuleList(
+            SamBlock(
+                dim,
+                num_heads,
+                0 if i in global_blocks else window_size,
+                cfg.SAM_POS_GRID if i in global_blocks else window_size,
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(dim, neck_dim, 1, bias=False),
+            LayerNorm2d(neck_dim),
+            nn.Conv2d(neck_dim, neck_dim, 3, padding=1, bias=False),
+            LayerNorm2d(neck_dim),
+        )
+        self.net_2 = nn.Conv2d(neck_dim, out_dim // 2, 3, 2, 1, bias=False)
+        self.net_3 = nn.Conv2d(out_dim // 2, out_dim, 3, 2, 1, bias=False)
+
+    def embed(self, pixels):
+        x = self.patch_embed(pixels)
+        return x + resize_abs_pos(self.pos_embed, x.shape[1])
+
+    def compress(self, x):
+        """Trunk output [B, H, W, C] -> tokens [B, h*w, 1024]."""
+        n0, n1, n2, n3 = self.neck
+        return ops.compress(x, n0.weight, n1.weight, n1.bias, n2.weight, n3.weight, n3.bias,
+                            self.net_2.weight, self.net_3.weight, n1.eps)
+
+    def tokens(self, pixels):
+        x = self.embed(pixels)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.compress(x)
+
+    def forward(self, pixels):
+        t = self.tokens(pixels)
+        side = pixels.shape[-1] // (cfg.SAM_PATCH * 4)
+        return t.view(t.shape[0], side, side, -1).permute(0, 3, 1, 2)

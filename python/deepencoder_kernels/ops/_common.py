@@ -1,0 +1,103 @@
+"""Argument checks and the call path shared by every op.
+
+Checks raise ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device, layout or
+value) naming the argument, what was expected and what came.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .. import dispatch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LIBRARY = "deepencoder_kernels"
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    last_dim_contiguous: bool = False,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+    if last_dim_contiguous and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dim, got strides {t.stride()}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> None:
+    """``expected`` may hold None for a free dim."""
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> None:
+    """Value checks (first 0, non-decreasing, last = total, max <= max_seqlen); reads to the host."""
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+    bad = [i for i, n in enumerate(lengths) if n < 0]
+    if bad:
+        raise ValueError(f"{name} must be non-decreasing; sequence {bad[0]} has length {lengths[bad[0]]}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the packed token count {total}, got {values[-1]}")
+    if max_seqlen is not None and max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def run(op: str, custom_op: Callable, args: tuple, device: torch.device, dtype: torch.dtype):
+    """Pick the backend and call it.
+
+    The reference runs as plain torch ops (so autograd, FlopCounterMode and memory tracking see
+    its inner work, as they would upstream's). Fused backends run through the registered custom
+    op, which is opaque to torch.compile and carries a fake implementation. Forward-only fused
+    backends hand over to the reference when autograd needs gradients.
+    """
+    chosen = dispatch.select(op, device, dtype)
+    if not chosen.custom_op:
+        return chosen.impl(*args)
+    if needs_grad(*args):
+        reference = next(b for b in dispatch.backends_of(op) if b.name == "reference")
+        dispatch._LAST[op] = dispatch.Choice(op, "reference", {chosen.name: ["forward only: autograd needs gradients"]})
+        return reference.impl(*args)
+    return custom_op(*args, chosen.name)
+
+
+def impl_of(op: str, backend_name: str) -> Callable:
+    """The implementation a custom op forwards to, by backend name."""
+    for b in dispatch.backends_of(op):
+        if b.name == backend_name:
+            return b.impl
+    raise ValueError(f"{op} has no backend {backend_name!r}")

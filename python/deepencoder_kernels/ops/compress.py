@@ -1,0 +1,105 @@
+"""SAM's neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d) + the two stride-2 convs."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import dispatch, reference
+from ._common import FLOAT_DTYPES, LIBRARY, check_shape, check_tensor, impl_of, run
+
+OP = "compress"
+WEIGHT_NAMES = ("neck0_w", "neck1_w", "neck1_b", "neck2_w", "neck3_w", "neck3_b", "net2_w", "net3_w")
+
+
+def compress(
+    x: torch.Tensor,
+    neck0_w: torch.Tensor,
+    neck1_w: torch.Tensor,
+    neck1_b: torch.Tensor,
+    neck2_w: torch.Tensor,
+    neck3_w: torch.Tensor,
+    neck3_b: torch.Tensor,
+    net2_w: torch.Tensor,
+    net3_w: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The compressor from SAM's trunk to CLIP's tokens, reading channels-last.
+
+    Args:
+        x: ``[B, H, W, Cin]`` (the trunk's output as it is, 768 channels in DeepEncoder).
+        neck0_w: ``[Cn, Cin, 1, 1]``; neck1_w/b: ``[Cn]`` (LayerNorm2d); neck2_w: ``[Cn, Cn, 3, 3]``;
+        neck3_w/b: ``[Cn]``; net2_w: ``[C2, Cn, 3, 3]`` (stride 2); net3_w: ``[C3, C2, 3, 3]`` (stride 2).
+        eps: LayerNorm2d epsilon (1e-6 upstream).
+
+    Returns:
+        Tokens ``[B, h * w, C3]`` row-major, ``h = ceil(ceil(H / 2) / 2)`` (16 x 16 at 1024 px).
+
+    Equivalent PyTorch: :func:`deepencoder_kernels.reference.compress`.
+    """
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    B, H, W, Cin = x.shape
+    if min(B, H, W, Cin) < 1:
+        raise ValueError(f"x must be a non-empty [B, H, W, C] tensor, got shape {list(x.shape)}")
+    weights = (neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w)
+    for name, t in zip(WEIGHT_NAMES, weights):
+        check_tensor(name, t, dtypes=(x.dtype,), device=x.device)
+    check_tensor("neck0_w", neck0_w, ndim=4)
+    Cn = neck0_w.shape[0]
+    check_shape("neck0_w", neck0_w, (Cn, Cin, 1, 1))
+    for name, t in (("neck1_w", neck1_w), ("neck1_b", neck1_b), ("neck3_w", neck3_w), ("neck3_b", neck3_b)):
+        check_shape(name, t, (Cn,))
+    check_shape("neck2_w", neck2_w, (Cn, Cn, 3, 3))
+    check_tensor("net2_w", net2_w, ndim=4)
+    check_shape("net2_w", net2_w, (net2_w.shape[0], Cn, 3, 3))
+    check_tensor("net3_w", net3_w, ndim=4)
+    check_shape("net3_w", net3_w, (net3_w.shape[0], net2_w.shape[0], 3, 3))
+    if not isinstance(eps, float) or eps <= 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    args = (x, *weights, eps)
+    return run(OP, _compress_op, args, x.device, x.dtype)
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP}", mutates_args=())
+def _compress_op(
+    x: torch.Tensor,
+    neck0_w: torch.Tensor,
+    neck1_w: torch.Tensor,
+    neck1_b: torch.Tensor,
+    neck2_w: torch.Tensor,
+    neck3_w: torch.Tensor,
+    neck3_b: torch.Tensor,
+    net2_w: torch.Tensor,
+    net3_w: torch.Tensor,
+    eps: float,
+    backend: str,
+) -> torch.Tensor:
+    return impl_of(OP, backend)(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w, eps)
+
+
+def out_grid(H: int, W: int) -> tuple[int, int]:
+    half = lambda n: (n + 1) // 2  # 3x3, stride 2, pad 1  # noqa: E731
+    return half(half(H)), half(half(W))
+
+
+@_compress_op.register_fake
+def _(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w, eps, backend):
+    B, H, W, _ = x.shape
+    h, w = out_grid(H, W)
+    return x.new_empty(B, h * w, net3_w.shape[0])
+
+
+def flops(x_shape, neck0_shape, net2_shape, net3_shape) -> int:
+    """Conv multiply-adds x 2 (LayerNorm's few FLOPs per element are not counted, as for aten)."""
+    B, H, W, Cin = x_shape
+    Cn, C2, C3 = neck0_shape[0], net2_shape[0], net3_shape[0]
+    H2, W2 = (H + 1) // 2, (W + 1) // 2
+    h, w = out_grid(H, W)
+    return 2 * B * (H * W * Cn * Cin + H * W * Cn * Cn * 9 + H2 * W2 * C2 * Cn * 9 + h * w * C3 * C2 * 9)
+
+
+@register_flop_formula(torch.ops.deepencoder_kernels.compress)
+def _flop_formula(x_shape, neck0_shape, n1w, n1b, n2w, n3w, n3b, net2_shape, net3_shape, *args, **kwargs) -> int:
+    return flops(x_shape, neck0_shape, net2_shape, net3_shape)
+
+
+dispatch.register(OP, dispatch.Backend("reference", reference.compress, ("cpu", "cuda"), FLOAT_DTYPES, custom_op=False))

@@ -1,0 +1,109 @@
+"""Attention over packed variable-length sequences, with an optional per-sequence SAM rel-pos bias."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import dispatch, reference
+from ._common import FLOAT_DTYPES, LIBRARY, check_cu_seqlens, check_int, check_shape, check_tensor, impl_of, run
+
+OP = "varlen_attention"
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: Optional[float] = None,
+    rel_pos_h: Optional[torch.Tensor] = None,
+    rel_pos_w: Optional[torch.Tensor] = None,
+    grid_hw: Optional[torch.Tensor] = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """Non-causal softmax attention within each packed sequence (``flash_attn_varlen_func``-style).
+
+    Args:
+        q, k, v: ``[total, heads, d]``, same shape, dtype and device.
+        cu_seqlens: int32 ``[num_seqs + 1]``: sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
+            Zero-length sequences are allowed (they produce nothing).
+        max_seqlen: longest sequence (a Python int, so launching needs no device sync).
+        scale: softmax scale, default ``1 / sqrt(d)``.
+        rel_pos_h, rel_pos_w: optional ``[L, d]`` SAM tables; with them, ``grid_hw`` (int32
+            ``[num_seqs, 2]``, ``h * w`` = the sequence's length) gives each sequence's grid and
+            the decomposed bias ``q.Rh + q.Rw`` (unscaled q) is added after scaling.
+        check_values: check ``cu_seqlens``/``grid_hw`` values (a host read); pass False for
+            sequences your own code built.
+
+    Returns:
+        ``[total, heads, d]``.
+
+    Equivalent PyTorch: :func:`deepencoder_kernels.reference.varlen_attention`.
+    """
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=(q.dtype,), device=q.device)
+        check_shape(name, t, tuple(q.shape))
+    total, heads, d = q.shape
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must hold num_seqs + 1 >= 2 offsets, got shape {list(cu_seqlens.shape)}")
+    max_seqlen = check_int("max_seqlen", max_seqlen, low=0)
+    if scale is not None and not (isinstance(scale, float) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    if (rel_pos_h is None) != (rel_pos_w is None) or (rel_pos_h is None) != (grid_hw is None):
+        raise ValueError("rel_pos_h, rel_pos_w and grid_hw must be given together or not at all")
+    if rel_pos_h is not None:
+        for name, t in (("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w)):
+            check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
+            check_shape(name, t, (None, d))
+        check_tensor("grid_hw", grid_hw, ndim=2, dtypes=(torch.int32,), device=q.device)
+        check_shape("grid_hw", grid_hw, (cu_seqlens.shape[0] - 1, 2))
+    if check_values:
+        check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen)
+        if grid_hw is not None:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            for i, ((h, w), n) in enumerate(zip(grid_hw.tolist(), lengths)):
+                if h < 1 or w < 1 or h * w != n:
+                    raise ValueError(f"grid_hw[{i}] = ({h}, {w}) must be positive with h * w = sequence length {n}")
+    args = (q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw)
+    return run(OP, _varlen_attention_op, args, q.device, q.dtype)
+
+
+def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw):
+    return reference.varlen_attention(q, k, v, cu_seqlens, scale, rel_pos_h, rel_pos_w, grid_hw)
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP}", mutates_args=())
+def _varlen_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: Optional[float],
+    rel_pos_h: Optional[torch.Tensor],
+    rel_pos_w: Optional[torch.Tensor],
+    grid_hw: Optional[torch.Tensor],
+    backend: str,
+) -> torch.Tensor:
+    return impl_of(OP, backend)(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, backend):
+    return torch.empty_like(q)
+
+
+@register_flop_formula(torch.ops.deepencoder_kernels.varlen_attention)
+def _flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen, *args, **kwargs) -> int:
+    # Lengths are data, not shapes: bound by max_seqlen (exact when all sequences are that long).
+    total, heads, d = q_shape
+    return 4 * total * max_seqlen * heads * d
+
+
+dispatch.register(OP, dispatch.Backend("reference", _reference, ("cpu", "cuda"), FLOAT_DTYPES, custom_op=False))
