@@ -156,15 +156,22 @@ def compress(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, ne
 # ------------------------------------------------------------------------------------------
 
 
-def varlen_attention(q, k, v, cu_seqlens, scale=None, rel_pos_h=None, rel_pos_w=None, grid_hw=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, rel_pos_h=None, rel_pos_w=None, grid_hw=None):
     """Per-sequence softmax attention over packed tokens, no mask between tokens of a sequence.
 
     q, k, v: [total, heads, d]; cu_seqlens: int32 [num_seqs + 1]. With ``rel_pos_h/w`` and
     ``grid_hw`` ([num_seqs, 2]: h, w with h * w = length) each sequence gets SAM's decomposed
     bias for its own grid (tables resized per grid as upstream does). Returns [total, heads, d].
     """
-    d = q.shape[-1]
+    total, heads, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    num_seqs = cu_seqlens.shape[0] - 1
+    if rel_pos_h is None and max_seqlen is not None and num_seqs * max_seqlen == total:
+        # Every length is <= max_seqlen and they sum to num_seqs * max_seqlen: all are equal, so
+        # one batched SDPA does it, with no host read (upstream CLIP's own call).
+        qb, kb, vb = (t.view(num_seqs, max_seqlen, heads, d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
+        return out.transpose(1, 2).reshape(total, heads, d)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     grids = grid_hw.tolist() if grid_hw is not None else None

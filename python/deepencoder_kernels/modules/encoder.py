@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from .. import config as cfg
 from ..preprocess import Views, preprocess
+from ..stages import nvtx_stage
 from .clip import ClipVisionModel
 from .sam import SamEncoder
 
@@ -45,11 +46,14 @@ class DeepEncoder(nn.Module):
         return load_checkpoint(self, path, strict=strict)
 
     # -- one batch of same-size views -------------------------------------------------------
-    def view_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def view_features(self, pixels: torch.Tensor, stage=nvtx_stage) -> torch.Tensor:
         """[B, 3, S, S] -> projected grid features [B, h*w, 1280] (no newlines)."""
-        sam_tokens = self.sam_model.tokens(pixels)                     # [B, h*w, 1024]
-        clip_tokens = self.vision_model.from_tokens(sam_tokens)        # [B, h*w + 1, 1024]
-        return self.projector(torch.cat([clip_tokens[:, 1:], sam_tokens], dim=-1))
+        sam_tokens = self.sam_model.tokens(pixels, stage)              # [B, h*w, 1024]
+        n = sam_tokens.shape[1]
+        with stage("CLIP", n, n + 1):
+            clip_tokens = self.vision_model.from_tokens(sam_tokens)    # [B, h*w + 1, 1024]
+        with stage("projector", n, n):
+            return self.projector(torch.cat([clip_tokens[:, 1:], sam_tokens], dim=-1))
 
     def with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
         """[rows, cols, D] -> [rows * (cols + 1), D]: image_newline after every row."""
@@ -84,13 +88,14 @@ class DeepEncoder(nn.Module):
         feats = self.view_features(pixels)
         return torch.stack([self.layout(f) for f in feats])
 
-    def encode_views(self, views: Views) -> torch.Tensor:
+    def encode_views(self, views: Views, stage=nvtx_stage) -> torch.Tensor:
+        """One image's views -> its tokens in upstream's layout."""
         dtype = self.projector.layers.weight.dtype
         device = self.projector.layers.weight.device
-        global_feats = self.view_features(views.global_view[None].to(device, dtype))[0]
+        global_feats = self.view_features(views.global_view[None].to(device, dtype), stage)[0]
         tile_feats = None
         if views.tiles is not None:
-            tile_feats = self.view_features(views.tiles.to(device, dtype))
+            tile_feats = self.view_features(views.tiles.to(device, dtype), stage)
         return self.layout(global_feats, tile_feats, views.grid)
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from .. import config as cfg
 from .. import ops
 from ..reference import layer_norm_2d
+from ..stages import nvtx_stage
 
 
 def resize_abs_pos(pos_embed: torch.Tensor, size: int) -> torch.Tensor:
@@ -133,11 +134,17 @@ class SamEncoder(nn.Module):
         return ops.compress(x, n0.weight, n1.weight, n1.bias, n2.weight, n3.weight, n3.bias,
                             self.net_2.weight, self.net_3.weight, n1.eps)
 
-    def tokens(self, pixels):
-        x = self.embed(pixels)
+    def tokens(self, pixels, stage=nvtx_stage):
+        """pixels [B, 3, S, S] -> tokens [B, (S/64)^2, 1024]; ``stage`` wraps each stage's work."""
+        side = pixels.shape[-1] // cfg.SAM_PATCH
+        n = side * side
+        with stage("patch embed", pixels.shape[-1] * pixels.shape[-2], n):
+            x = self.embed(pixels)
         for blk in self.blocks:
-            x = blk(x)
-        return self.compress(x)
+            with stage("windowed blocks" if blk.window_size else "global blocks", n, n):
+                x = blk(x)
+        with stage("neck+compressor", n, n // 16):
+            return self.compress(x)
 
     def forward(self, pixels):
         t = self.tokens(pixels)

@@ -13,6 +13,7 @@ from .. import dispatch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LIBRARY = "deepencoder_kernels"
+REFERENCE_DEVICES = ("cpu", "cuda", "meta")  # plain torch runs anywhere; meta counts FLOPs
 
 
 def check_tensor(

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, check_shape, check_tensor, impl_of, run
+from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, impl_of, run
 
 OP = "compress"
 WEIGHT_NAMES = ("neck0_w", "neck1_w", "neck1_b", "neck2_w", "neck3_w", "neck3_b", "net2_w", "net3_w")
@@ -102,4 +102,4 @@ def _flop_formula(x_shape, neck0_shape, n1w, n1b, n2w, n3w, n3b, net2_shape, net
     return flops(x_shape, neck0_shape, net2_shape, net3_shape)
 
 
-dispatch.register(OP, dispatch.Backend("reference", reference.compress, ("cpu", "cuda"), FLOAT_DTYPES, custom_op=False))
+dispatch.register(OP, dispatch.Backend("reference", reference.compress, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))

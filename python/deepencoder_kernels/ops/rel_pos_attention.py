@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, check_int, check_shape, check_tensor, impl_of, run
+from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, impl_of, run
 
 OP = "rel_pos_attention"
 
@@ -99,4 +99,4 @@ def _flop_formula(qkv_shape, rel_h_shape, rel_w_shape, num_heads, window_size, *
     return flops(qkv_shape, num_heads, window_size)
 
 
-dispatch.register(OP, dispatch.Backend("reference", reference.rel_pos_attention, ("cpu", "cuda"), FLOAT_DTYPES, custom_op=False))
+dispatch.register(OP, dispatch.Backend("reference", reference.rel_pos_attention, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))

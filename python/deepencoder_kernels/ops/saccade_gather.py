@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, check_cu_seqlens, check_shape, check_tensor, impl_of, run
+from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_shape, check_tensor, impl_of, run
 
 OP = "saccade_gather"
 ORDERS = ("score", "spatial")
@@ -98,4 +98,4 @@ def _(scores, features, k, cu_seqlens, spatial_order, backend):
     )
 
 
-dispatch.register(OP, dispatch.Backend("reference", reference.saccade_gather, ("cpu", "cuda"), FLOAT_DTYPES, custom_op=False))
+dispatch.register(OP, dispatch.Backend("reference", reference.saccade_gather, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, check_cu_seqlens, check_int, check_shape, check_tensor, impl_of, run
+from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_int, check_shape, check_tensor, impl_of, run
 
 OP = "varlen_attention"
 
@@ -75,7 +75,7 @@ def varlen_attention(
 
 
 def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw):
-    return reference.varlen_attention(q, k, v, cu_seqlens, scale, rel_pos_h, rel_pos_w, grid_hw)
+    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw)
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP}", mutates_args=())
@@ -106,4 +106,4 @@ def _flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen, *args, **kwar
     return 4 * total * max_seqlen * heads * d
 
 
-dispatch.register(OP, dispatch.Backend("reference", _reference, ("cpu", "cuda"), FLOAT_DTYPES, custom_op=False))
+dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))

@@ -1,0 +1,59 @@
+"""``deepencoder-kernels`` command line: ``profile`` (the main job) and ``info``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _profile(args) -> int:
+    from . import dispatch
+    from .profiler import format_report, plot, profile, save_json
+
+    with dispatch.backend(args.backend):
+        p = profile(args.mode, args.image, args.weights, DTYPES[args.dtype], args.device, progress=not args.quiet)
+    print(format_report(p))
+    if args.json:
+        save_json(p, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(p, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _info(args) -> int:
+    from . import __version__, available
+
+    print(f"deepencoder-kernels {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    for op, backends in available().items():
+        for name, reasons in backends.items():
+            print(f"  {op:<18} {name:<17} " + ("usable" if not reasons else "unusable: " + "; ".join(reasons)))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="deepencoder-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("profile", help="measure FLOPs, activation memory and time per stage; check the claims")
+    p.add_argument("--mode", default="base", choices=["tiny", "small", "base", "large", "gundam"])
+    p.add_argument("--image", help="image file (default: a document page the package renders)")
+    p.add_argument("--weights", help="safetensors file or folder (default: seeded random weights)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "triton-interpret", "cpp"])
+    p.add_argument("--json", help="write the measurements as JSON here")
+    p.add_argument("--plot", help="write a PNG of the per-stage breakdown here")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(run=_profile)
+    i = sub.add_parser("info", help="which backends can run here, and why not")
+    i.set_defaults(run=_info)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
