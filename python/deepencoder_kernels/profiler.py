@@ -241,7 +241,9 @@ def _claims(p: Profile) -> list[dict]:
 
     def verdict(measured: float, claimed: float, what: str) -> dict:
         ratio = measured / claimed
-        if 0.8 <= ratio <= 1.25:
+        if measured == 0:
+            word = f"not measured on the {p.device} device"
+        elif 0.8 <= ratio <= 1.25:
             word = "about right"
         else:
             word = f"wrong by {ratio:.1f}x" if ratio > 1 else f"wrong by {1 / ratio:.1f}x (too high)"

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from deepencoder_kernels import config as cfg
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tolerance(dtype):
+    return cfg.TOLERANCES[dtype]
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    """assert_close with the package's per-dtype tolerance table; reports the worst element."""
+    atol, rtol = cfg.TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
+
+
+def small_encoder(seed: int = 0):
+    """A narrow DeepEncoder (same code paths, real grids) for fast CPU tests."""
+    from deepencoder_kernels.modules import ClipVisionModel, DeepEncoder, MlpProjector, SamEncoder
+
+    torch.manual_seed(seed)
+    enc = DeepEncoder(
+        sam=SamEncoder(dim=64, depth=3, num_heads=1, global_blocks=(1,), neck_dim=16, out_dim=32),
+        clip=ClipVisionModel(dim=32, depth=1, num_heads=2, hidden=64),
+        projector=MlpProjector(64, 24),
+    )
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if p.dim() <= 2 and "weight" not in name or "rel_pos" in name:
+                p.normal_(0, 0.5)
+    return enc.eval()

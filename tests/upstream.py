@@ -1,0 +1,152 @@
+"""Stand-ins written to upstream DeepEncoder's *structure* (attribute names, call contracts and the
+order of operations in ``sam_vary_sdpa.py`` / ``clip_sdpa.py``), independent of the package's
+reference: windowed blocks pad the normed grid with zeros *before* the attention module's own qkv
+Linear, attention runs per window, rel-pos is the two-einsum decomposition. They are the second
+witness the reference is checked against, and the modules ``accelerate()`` must recognise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def upstream_get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        dtype = rel_pos.dtype
+        resized = F.interpolate(rel_pos.to(torch.float32).reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
+                                size=max_rel_dist, mode="linear")
+        rel_pos_resized = resized.reshape(-1, max_rel_dist).permute(1, 0).to(dtype)
+    else:
+        rel_pos_resized = rel_pos
+    q_coords = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos_resized[relative.long()]
+
+
+class UpstreamAttention(nn.Module):
+    """SAM ``Attention``: qkv, proj, rel_pos_h/w, num_heads; input [B, H, W, C]."""
+
+    def __init__(self, dim, num_heads, input_size):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = True
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, dim // num_heads))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, dim // num_heads))
+
+    def forward(self, x):
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+        Rh = upstream_get_rel_pos(H, H, self.rel_pos_h)
+        Rw = upstream_get_rel_pos(W, W, self.rel_pos_w)
+        r_q = q.reshape(B * self.num_heads, H, W, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).unsqueeze(-1).reshape(B * self.num_heads, H * W, H, 1)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).unsqueeze(-2).reshape(B * self.num_heads, H * W, 1, W)
+        q, k, v = (t.view(B, self.num_heads, H * W, -1) for t in (q, k, v))
+        bias = (rel_h + rel_w).view(B, self.num_heads, H * W, H * W)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+def upstream_window_partition(x, ws):
+    B, H, W, C = x.shape
+    pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // ws, ws, Wp // ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws, ws, C), (Hp, Wp)
+
+
+def upstream_window_unpartition(windows, ws, pad_hw, hw):
+    Hp, Wp = pad_hw
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // ws // ws)
+    x = windows.view(B, Hp // ws, Wp // ws, ws, ws, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, Hp, Wp, -1)
+    return x[:, :H, :W, :].contiguous()
+
+
+class UpstreamMLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class UpstreamBlock(nn.Module):
+    """SAM ``Block``: norm1, attn, norm2, mlp, window_size."""
+
+    def __init__(self, dim, num_heads, window_size, input_size):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = UpstreamAttention(dim, num_heads, input_size if window_size == 0 else (window_size, window_size))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = UpstreamMLP(dim, 4 * dim)
+        self.window_size = window_size
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            H, W = x.shape[1], x.shape[2]
+            x, pad_hw = upstream_window_partition(x, self.window_size)
+        x = self.attn(x)
+        if self.window_size > 0:
+            x = upstream_window_unpartition(x, self.window_size, pad_hw, (H, W))
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class UpstreamLayerNorm2d(nn.Module):
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class UpstreamCompressor(nn.Module):
+    """The tail of SAM's ``ImageEncoderViT``: neck, net_2, net_3 on NCHW."""
+
+    def __init__(self, cin, cn, c2, c3):
+        super().__init__()
+        self.neck = nn.Sequential(nn.Conv2d(cin, cn, 1, bias=False), UpstreamLayerNorm2d(cn),
+                                  nn.Conv2d(cn, cn, 3, padding=1, bias=False), UpstreamLayerNorm2d(cn))
+        self.net_2 = nn.Conv2d(cn, c2, 3, 2, 1, bias=False)
+        self.net_3 = nn.Conv2d(c2, c3, 3, 2, 1, bias=False)
+
+    def forward(self, x_nhwc):
+        return self.net_3(self.net_2(self.neck(x_nhwc.permute(0, 3, 1, 2))))
+
+
+class UpstreamClipAttention(nn.Module):
+    """CLIP ``NoTPAttention``-shaped: fused qkv_proj, out_proj, SDPA without a mask."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv_proj(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, C))
