@@ -1,3 +1,11 @@
+import os
+
+# Triton picks interpreter vs compiler when kernels are decorated, so this must precede any import
+# of triton. GPU runs (DEEPENCODER_KERNELS_GPU_TESTS=1) keep the compiler.
+if not os.environ.get("DEEPENCODER_KERNELS_GPU_TESTS"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 import pytest
 import torch
 

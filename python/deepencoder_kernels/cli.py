@@ -51,7 +51,16 @@ def main(argv=None) -> int:
     p.set_defaults(run=_profile)
     i = sub.add_parser("info", help="which backends can run here, and why not")
     i.set_defaults(run=_info)
-    args = parser.parse_args(argv)
+    s = sub.add_parser("static-report", help="AOT-compile every kernel config (sm_80, sm_90a): regs, spills, smem, tensor cores",
+                       add_help=False)
+    s.set_defaults(run=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "static-report":
+        from .static_report import main as static_main
+
+        return static_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.run(args)
 
 

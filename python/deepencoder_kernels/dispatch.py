@@ -34,14 +34,19 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     requires: tuple[Callable[[], str | None], ...] = ()   # each returns a reason or None
     custom_op: bool = True                     # False: traced as plain torch ops (the reference)
+    accepts: Callable[..., str | None] | None = None    # input-dependent limits: args -> reason or None
 
-    def reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+    def reasons(self, device: torch.device, dtype: torch.dtype, args: tuple | None = None) -> list[str]:
         out = []
         if device.type not in self.devices:
             out.append(f"device {device.type} not in {self.devices}")
         if dtype not in self.dtypes:
             out.append(f"dtype {dtype} not in {[str(d) for d in self.dtypes]}")
         out.extend(r for r in (req() for req in self.requires) if r)
+        if not out and args is not None and self.accepts is not None:
+            reason = self.accepts(*args)
+            if reason:
+                out.append(reason)
         return out
 
 
@@ -94,12 +99,12 @@ def backend(kind: str):
 
 # Order in which ``auto`` tries backends on each device: fused first, the oracle last.
 AUTO_ORDER = {
-    "cuda": ("triton", "cpp", "reference"),
+    "cuda": ("triton", "cpp", "reference"),  # triton-interpret only when asked: it is slow
     "cpu": ("cpp", "reference"),
 }
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
+def select(op: str, device: torch.device, dtype: torch.dtype, args: tuple | None = None) -> Backend:
     kind = requested_kind()
     candidates = _REGISTRY.get(op, [])
     order = AUTO_ORDER.get(device.type, ("reference",)) if kind == "auto" else (kind,)
@@ -108,7 +113,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
         for b in candidates:
             if b.name != name:
                 continue
-            reasons = b.reasons(device, dtype)
+            reasons = b.reasons(device, dtype, args)
             if not reasons:
                 _LAST[op] = Choice(op, b.name, refused)
                 return b
@@ -148,6 +153,30 @@ def needs_module(name: str) -> Callable[[], str | None]:
 
 def needs_cuda() -> str | None:
     return None if torch.cuda.is_available() else "torch has no usable CUDA device"
+
+
+def needs_interpret(wanted: bool) -> Callable[[], str | None]:
+    """Triton decides compiled vs interpreted when kernels are decorated: one mode per process."""
+
+    def check() -> str | None:
+        on = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+        if on == wanted:
+            return None
+        return ("needs TRITON_INTERPRET=1 set before triton is imported" if wanted
+                else "TRITON_INTERPRET=1 is set: this process runs kernels in the interpreter")
+
+    return check
+
+
+@functools.lru_cache(None)
+def needs_triton_compiler() -> str | None:
+    """Compiled Triton needs the package and a CUDA device it can target."""
+    if _module_missing("triton"):
+        return _module_missing("triton")
+    if not torch.cuda.is_available():
+        return "torch has no usable CUDA device"
+    major, _ = torch.cuda.get_device_capability()
+    return None if major >= 8 else f"compute capability {major}.x < 8.0 (the kernels need bf16 tensor cores)"
 
 
 def available(ops: Iterable[str] | None = None) -> dict[str, dict[str, list[str]]]:

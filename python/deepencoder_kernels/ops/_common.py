@@ -86,7 +86,7 @@ def run(op: str, custom_op: Callable, args: tuple, device: torch.device, dtype: 
     op, which is opaque to torch.compile and carries a fake implementation. Forward-only fused
     backends hand over to the reference when autograd needs gradients.
     """
-    chosen = dispatch.select(op, device, dtype)
+    chosen = dispatch.select(op, device, dtype, args)
     if not chosen.custom_op:
         return chosen.impl(*args)
     if needs_grad(*args):
@@ -94,6 +94,22 @@ def run(op: str, custom_op: Callable, args: tuple, device: torch.device, dtype: 
         dispatch._LAST[op] = dispatch.Choice(op, "reference", {chosen.name: ["forward only: autograd needs gradients"]})
         return reference.impl(*args)
     return custom_op(*args, chosen.name)
+
+
+def triton_backends(op: str, launcher: Callable, accepts: Callable | None = None) -> None:
+    """Register a Triton kernel as the ``triton`` (CUDA) and ``triton-interpret`` (CPU) backends.
+
+    ``launcher(*op_args, interpret=bool)`` runs the kernel; the interpreter runs the very same
+    source on CPU tensors, which is how the kernels are checked on machines without a GPU.
+    """
+    import functools
+
+    dispatch.register(op, dispatch.Backend(
+        "triton", functools.partial(launcher, interpret=False), ("cuda",), FLOAT_DTYPES,
+        (dispatch.needs_triton_compiler, dispatch.needs_interpret(False)), accepts=accepts))
+    dispatch.register(op, dispatch.Backend(
+        "triton-interpret", functools.partial(launcher, interpret=True), ("cpu",), FLOAT_DTYPES,
+        (dispatch.needs_module("triton"), dispatch.needs_interpret(True)), accepts=accepts))
 
 
 def impl_of(op: str, backend_name: str) -> Callable:

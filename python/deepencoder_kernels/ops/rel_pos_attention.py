@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, impl_of, run
+from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, impl_of, run, triton_backends
 
 OP = "rel_pos_attention"
 
@@ -100,3 +100,35 @@ def _flop_formula(qkv_shape, rel_h_shape, rel_w_shape, num_heads, window_size, *
 
 
 dispatch.register(OP, dispatch.Backend("reference", reference.rel_pos_attention, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
+
+
+# ---- fused Triton backend --------------------------------------------------------------------
+FUSED_HEAD_DIMS = (16, 32, 64, 128)
+_tables: dict = {}
+
+
+def sequence_tables(rel_pos_h, rel_pos_w, seq_h: int, seq_w: int):
+    """The rel-pos tables resized to ``2 S - 1`` rows, once per (parameter version, grid)."""
+    key = (rel_pos_h.data_ptr(), rel_pos_h._version, rel_pos_w.data_ptr(), rel_pos_w._version, seq_h, seq_w, rel_pos_h.dtype)
+    if key not in _tables:
+        if len(_tables) > 64:
+            _tables.clear()
+        _tables[key] = (reference.resize_rel_pos(rel_pos_h, 2 * seq_h - 1), reference.resize_rel_pos(rel_pos_w, 2 * seq_w - 1))
+    return _tables[key]
+
+
+def _fused(qkv, rel_pos_h, rel_pos_w, num_heads, window_size, pad_kv, interpret: bool):
+    from deepencoder_kernels.kernels.rel_pos_attention import rel_pos_attention_fwd
+
+    _, H, W, _ = qkv.shape
+    seq_h, seq_w = (window_size, window_size) if window_size else (H, W)
+    table_h, table_w = sequence_tables(rel_pos_h, rel_pos_w, seq_h, seq_w)
+    return rel_pos_attention_fwd(qkv, table_h, table_w, num_heads, window_size, pad_kv, interpret=interpret)
+
+
+def _fused_accepts(qkv, rel_pos_h, rel_pos_w, num_heads, *rest):
+    d = qkv.shape[-1] // (3 * num_heads)
+    return None if d in FUSED_HEAD_DIMS else f"head_dim {d} not in {FUSED_HEAD_DIMS}"
+
+
+triton_backends(OP, _fused, _fused_accepts)

@@ -1,0 +1,28 @@
+"""Every Triton launch config the package ships, in one place.
+
+Read by the launchers, the static report (which AOT-compiles each entry at the real DeepEncoder
+shapes) and the tests. Keys name the case; values are plain dicts of constexprs + launch options.
+"""
+from __future__ import annotations
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# SAM rel-pos attention. LP_* (the padded rel-pos table length, 2 S - 1 rounded up to a power of
+# two) follows from the sequence grid. The per-q-tile q.R tables ([BLOCK_M, LP_H + LP_W] fp32) live
+# in registers, so global grids (LP 64..256) take smaller q tiles than the windows (LP 32). These
+# are the largest tiles that compile with 0 spill bytes on sm_80 and sm_90a (static report).
+REL_POS_ATTENTION = {
+    "windowed": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+    "global": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+
+def rel_pos_attention_config(window_size: int, seq_h: int, seq_w: int) -> tuple[str, dict]:
+    name = "windowed" if window_size > 0 else "global"
+    cfg = dict(REL_POS_ATTENTION[name])
+    cfg["LP_H"] = max(16, next_pow2(2 * seq_h - 1))
+    cfg["LP_W"] = max(16, next_pow2(2 * seq_w - 1))
+    return name, cfg

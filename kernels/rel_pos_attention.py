@@ -1,0 +1,176 @@
+"""Fused SAM attention with decomposed relative position, windowed or global (forward).
+
+One program = one (q tile, sequence, head). A "sequence" is a 14 x 14 window (windowed blocks) or
+the whole grid (global blocks); which grid tokens it holds is index math on the qkv Linear's
+``[B, H, W, 3C]`` output, so there is no pad/partition/unpartition copy. Window tokens past the
+grid's bottom/right edge are upstream's zero padding pushed through the qkv Linear: their q/k/v are
+the qkv bias (``pad_ptr``) and they stay unmasked as keys; their outputs are never stored.
+
+The rel-pos bias is never materialised: per q tile, ``qR = q @ table^T`` ([BLOCK_M, LP], fp32, on
+chip) holds q against every table row; each key tile gathers ``bias[i, j] = qRh[i, y_i - y_j + S_h - 1]
++ qRw[i, x_i - x_j + S_w - 1]``. Softmax is online in fp32 with exp2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import rel_pos_attention_config
+
+LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
+
+
+@triton.jit
+def _rel_pos_attention_fwd_kernel(
+    qkv_ptr, pad_ptr, table_h_ptr, table_w_ptr, out_ptr,
+    stride_qb, stride_qh, stride_qw,
+    stride_ob, stride_oh, stride_ow,
+    H, W,                       # the real grid
+    SEQ_H, SEQ_W,               # the sequence grid: window side, or H and W
+    windows_w, windows_per_image,
+    num_heads, sm_scale,
+    C: tl.constexpr,            # channels (offset of k in qkv; v at 2C)
+    HEAD_DIM: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    IEEE_DOT: tl.constexpr,     # fp32 dot operands: full precision instead of tf32
+    UPCAST_DOT: tl.constexpr,   # dot in fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_sh = tl.program_id(1)
+    seq = pid_sh // num_heads
+    head = pid_sh % num_heads
+    if WINDOWED:
+        b = seq // windows_per_image
+        win = seq % windows_per_image
+        origin_y = (win // windows_w) * SEQ_H
+        origin_x = (win % windows_w) * SEQ_W
+    else:
+        b = seq
+        origin_y = 0
+        origin_x = 0
+    n_tokens = SEQ_H * SEQ_W
+    d = tl.arange(0, HEAD_DIM)
+    precision: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
+
+    # ---- q tile: rows past the sequence are dead; rows past the grid are padding ----------------
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ty = offs_m // SEQ_W
+    tx = offs_m % SEQ_W
+    gy = origin_y + ty
+    gx = origin_x + tx
+    in_seq_m = offs_m < n_tokens
+    real_m = in_seq_m & (gy < H) & (gx < W)
+    # int64 only for the image base; offsets inside one image fit int32 (80 x 80 x 3C << 2^31)
+    qkv_img = qkv_ptr + b.to(tl.int64) * stride_qb + head * HEAD_DIM
+    q_offs = gy * stride_qh + gx * stride_qw
+    q = tl.load(qkv_img + q_offs[:, None] + d[None, :], mask=real_m[:, None], other=0.0)
+    if HAS_PAD:
+        pad_q = tl.load(pad_ptr + head * HEAD_DIM + d)
+        q = tl.where((in_seq_m & ~real_m)[:, None], pad_q[None, :], q)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    # ---- q against every rel-pos table row, kept on chip (unscaled q, as upstream) --------------
+    rows_h = tl.arange(0, LP_H)
+    table_h = tl.load(table_h_ptr + rows_h[:, None] * HEAD_DIM + d[None, :], mask=(rows_h < 2 * SEQ_H - 1)[:, None], other=0.0)
+    q_rh = tl.dot(q, tl.trans(table_h.to(q.dtype)), input_precision=precision)          # [BLOCK_M, LP_H] fp32
+    rows_w = tl.arange(0, LP_W)
+    table_w = tl.load(table_w_ptr + rows_w[:, None] * HEAD_DIM + d[None, :], mask=(rows_w < 2 * SEQ_W - 1)[:, None], other=0.0)
+    q_rw = tl.dot(q, tl.trans(table_w.to(q.dtype)), input_precision=precision)          # [BLOCK_M, LP_W] fp32
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634   # LOG2E
+    if HAS_PAD:
+        pad_k = tl.load(pad_ptr + C + head * HEAD_DIM + d)
+        pad_v = tl.load(pad_ptr + 2 * C + head * HEAD_DIM + d)
+
+    for start_n in range(0, n_tokens, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ky = offs_n // SEQ_W
+        kx = offs_n % SEQ_W
+        ky_g = origin_y + ky
+        kx_g = origin_x + kx
+        in_seq_n = offs_n < n_tokens
+        real_n = in_seq_n & (ky_g < H) & (kx_g < W)
+        kv_offs = ky_g * stride_qh + kx_g * stride_qw
+        k = tl.load(qkv_img + C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
+        v = tl.load(qkv_img + 2 * C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
+        if HAS_PAD:
+            is_pad = (in_seq_n & ~real_n)[:, None]
+            k = tl.where(is_pad, pad_k[None, :], k)
+            v = tl.where(is_pad, pad_v[None, :], v)
+
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=precision)              # [BLOCK_M, BLOCK_N] fp32
+        # dead key columns index row 0 of the on-chip tables; they are masked to -inf below
+        idx_h = tl.where(in_seq_n[None, :], ty[:, None] - ky[None, :] + SEQ_H - 1, 0)
+        idx_w = tl.where(in_seq_n[None, :], tx[:, None] - kx[None, :] + SEQ_W - 1, 0)
+        idx_h = tl.minimum(tl.maximum(idx_h, 0), LP_H - 1)                  # dead q rows stay in range
+        idx_w = tl.minimum(tl.maximum(idx_w, 0), LP_W - 1)
+        bias = tl.gather(q_rh, idx_h, 1) + tl.gather(q_rw, idx_w, 1)
+        s = qk * qk_scale + bias * 1.4426950408889634
+        s = tl.where(in_seq_n[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=precision)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    out_img = out_ptr + b.to(tl.int64) * stride_ob + head * HEAD_DIM
+    o_offs = gy * stride_oh + gx * stride_ow
+    tl.store(out_img + o_offs[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real_m[:, None])
+
+
+def kernel_for(interpret: bool):
+    """The kernel, checked against the mode Triton decorated it in (decided at import time)."""
+    from ._runtime import check_mode
+
+    return check_mode(_rel_pos_attention_fwd_kernel, interpret)
+
+
+def launch_args(qkv, num_heads: int, window_size: int):
+    """Sequence geometry + config for a call: shared by the launcher and the static report."""
+    B, H, W, C3 = qkv.shape
+    if window_size > 0:
+        seq_h = seq_w = window_size
+        windows_h, windows_w = -(-H // window_size), -(-W // window_size)
+    else:
+        seq_h, seq_w, windows_h, windows_w = H, W, 1, 1
+    name, cfg = rel_pos_attention_config(window_size, seq_h, seq_w)
+    return dict(seq_h=seq_h, seq_w=seq_w, windows_w=windows_w, windows_per_image=windows_h * windows_w,
+                num_seqs=B * windows_h * windows_w, config_name=name, config=cfg)
+
+
+def rel_pos_attention_fwd(qkv, table_h, table_w, num_heads: int, window_size: int, pad_kv, interpret: bool = False):
+    """Launch on validated inputs; ``table_h/w`` are already ``2 S - 1`` rows long."""
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    head_dim = C // num_heads
+    geo = launch_args(qkv, num_heads, window_size)
+    cfg = dict(geo["config"])
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out = torch.empty(B, H, W, C, device=qkv.device, dtype=qkv.dtype)
+    table_h = table_h.to(qkv.dtype).contiguous()
+    table_w = table_w.to(qkv.dtype).contiguous()
+    pad = pad_kv.to(qkv.dtype).contiguous() if pad_kv is not None else table_h  # unused when HAS_PAD=0
+    grid = (triton.cdiv(geo["seq_h"] * geo["seq_w"], cfg["BLOCK_M"]), geo["num_seqs"] * num_heads)
+    upcast = interpret and qkv.dtype == torch.bfloat16  # exact: bf16 products fit fp32
+    kernel_for(interpret)[grid](
+        qkv, pad, table_h, table_w, out,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, W, geo["seq_h"], geo["seq_w"], geo["windows_w"], geo["windows_per_image"],
+        num_heads, head_dim ** -0.5,
+        C=C, HEAD_DIM=head_dim, WINDOWED=window_size > 0, HAS_PAD=pad_kv is not None and window_size > 0,
+        IEEE_DOT=qkv.dtype == torch.float32 or upcast, UPCAST_DOT=upcast,
+        **cfg,
+    )
+    return out
