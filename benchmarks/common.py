@@ -1,0 +1,52 @@
+"""Shared setup for the benchmarks: real-shape inputs per mode and block type, result files."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from deepencoder_kernels import config as cfg
+
+RESULTS = Path(__file__).parent / "results"
+MODES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
+
+
+def attention_inputs(mode: str, block: str, batch: int = 1, dtype=torch.bfloat16, device="cpu", seed: int = 0):
+    """qkv [B, H, W, 2304], tables as the checkpoint has them ([27, 64] windowed, [127, 64] global), qkv bias."""
+    g = torch.Generator().manual_seed(seed)
+    side = cfg.sam_grid(MODES[mode])
+    C = cfg.SAM_DIM
+    rows = 2 * cfg.SAM_WINDOW - 1 if block == "windowed" else 2 * cfg.SAM_POS_GRID - 1
+    qkv = torch.randn(batch, side, side, 3 * C, generator=g).mul_(0.5)
+    th, tw = (torch.randn(rows, cfg.HEAD_DIM, generator=g).mul_(0.3) for _ in range(2))
+    pad = torch.randn(3 * C, generator=g).mul_(0.5)
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    window = cfg.SAM_WINDOW if block == "windowed" else 0
+    return to(qkv), to(th), to(tw), cfg.SAM_HEADS, window, to(pad) if window else None
+
+
+def device_info() -> dict:
+    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        from deepencoder_kernels.profiler import _cpu_name
+
+        info["device"] = _cpu_name()
+    return info
+
+
+def write_result(name: str, rows: list[dict]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({**device_info(), "rows": rows}, indent=1))
+    return path
