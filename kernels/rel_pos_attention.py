@@ -22,6 +22,19 @@ LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
+def _sequence_tokens(offs, SEQ_W, n_tokens, origin_y, origin_x, H, W):
+    """Token indexes of a sequence -> (row, col) inside it, (row, col) on the grid, and masks:
+    in the sequence at all, and a real grid token (not window padding)."""
+    ty = offs // SEQ_W
+    tx = offs % SEQ_W
+    gy = origin_y + ty
+    gx = origin_x + tx
+    in_seq = offs < n_tokens
+    real = in_seq & (gy < H) & (gx < W)
+    return ty, tx, gy, gx, in_seq, real
+
+
+@triton.jit
 def _rel_pos_attention_fwd_kernel(
     qkv_ptr, pad_ptr, table_h_ptr, table_w_ptr, out_ptr,
     stride_qb, stride_qh, stride_qw,
@@ -57,12 +70,7 @@ def _rel_pos_attention_fwd_kernel(
 
     # ---- q tile: rows past the sequence are dead; rows past the grid are padding ----------------
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ty = offs_m // SEQ_W
-    tx = offs_m % SEQ_W
-    gy = origin_y + ty
-    gx = origin_x + tx
-    in_seq_m = offs_m < n_tokens
-    real_m = in_seq_m & (gy < H) & (gx < W)
+    ty, tx, gy, gx, in_seq_m, real_m = _sequence_tokens(offs_m, SEQ_W, n_tokens, origin_y, origin_x, H, W)
     # int64 only for the image base; offsets inside one image fit int32 (80 x 80 x 3C << 2^31)
     qkv_img = qkv_ptr + b.to(tl.int64) * stride_qb + head * HEAD_DIM
     q_offs = gy * stride_qh + gx * stride_qw
@@ -91,12 +99,7 @@ def _rel_pos_attention_fwd_kernel(
 
     for start_n in range(0, n_tokens, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        ky = offs_n // SEQ_W
-        kx = offs_n % SEQ_W
-        ky_g = origin_y + ky
-        kx_g = origin_x + kx
-        in_seq_n = offs_n < n_tokens
-        real_n = in_seq_n & (ky_g < H) & (kx_g < W)
+        ky, kx, ky_g, kx_g, in_seq_n, real_n = _sequence_tokens(offs_n, SEQ_W, n_tokens, origin_y, origin_x, H, W)
         kv_offs = ky_g * stride_qh + kx_g * stride_qw
         k = tl.load(qkv_img + C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
         v = tl.load(qkv_img + 2 * C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
