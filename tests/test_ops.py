@@ -149,3 +149,11 @@ def test_reference_backend_keeps_autograd():
     a["qkv"].requires_grad_(True)
     ops.rel_pos_attention(**a).sum().backward()
     assert a["qkv"].grad is not None and a["qkv"].grad.abs().sum() > 0
+
+
+def test_cpp_extension_is_built():
+    """setup.py builds csrc/ through CMakeLists.txt with ninja; the module must import."""
+    from deepencoder_kernels import _C
+
+    info = _C.build_info()
+    assert info["cplusplus"] >= 201703 and info["compiler"]
