@@ -115,7 +115,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, args: tuple | None
                 continue
             reasons = b.reasons(device, dtype, args)
             if not reasons:
-                _LAST[op] = Choice(op, b.name, refused)
+                record(op, b.name, refused)
                 return b
             refused[b.name] = reasons
     for b in candidates:
@@ -128,6 +128,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype, args: tuple | None
     raise RuntimeError(
         f"no backend can run {op} on device={device.type}, dtype={dtype} with backend={kind!r}:\n{listing}"
     )
+
+
+def record(op: str, backend_name: str, refused: dict[str, list[str]]) -> None:
+    """Note which backend ran ``op`` (and why the others did not) for :func:`last_backends`."""
+    _LAST[op] = Choice(op, backend_name, refused)
 
 
 def last_backends() -> dict[str, Choice]:
