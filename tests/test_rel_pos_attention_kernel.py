@@ -149,3 +149,26 @@ def test_small_sam_trunk_fused_equals_reference():
             got = trunk(pixels)
     assert dk.last_backends()["rel_pos_attention"].backend == "triton-interpret"
     assert_close(got, want, torch.float32)
+
+
+def test_interpreter_bf16_dot_is_why_the_kernel_upcasts():
+    """Triton 3.9's interpreter gets ``tl.dot`` on bf16 operands wrong (fp16 is right), which is why
+    the kernel upcasts bf16 dot operands under the interpreter (UPCAST_DOT). If this starts failing,
+    Triton fixed it: drop UPCAST_DOT."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot_kernel(x_ptr, y_ptr, o_ptr):
+        r = tl.arange(0, 16)
+        idx = r[:, None] * 16 + r[None, :]
+        tl.store(o_ptr + idx, tl.dot(tl.load(x_ptr + idx), tl.load(y_ptr + idx)))
+
+    x, y = torch.randn(16, 16), torch.randn(16, 16)
+    errors = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        out = torch.empty(16, 16)
+        dot_kernel[(1,)](x.to(dtype), y.to(dtype), out)
+        errors[dtype] = (out - x.to(dtype).float() @ y.to(dtype).float()).abs().max().item()
+    assert errors[torch.float16] < 1e-2
+    assert errors[torch.bfloat16] > 1e3, f"bf16 interpreter dot is now right ({errors}): UPCAST_DOT can go"
