@@ -2,12 +2,6 @@
 so one process runs either compiled kernels or interpreted ones, never both."""
 from __future__ import annotations
 
-import os
-
-
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-
 
 def check_mode(kernel, interpret: bool):
     from triton.runtime.interpreter import InterpretedFunction

@@ -160,12 +160,16 @@ def needs_cuda() -> str | None:
     return None if torch.cuda.is_available() else "torch has no usable CUDA device"
 
 
+def triton_interpret_mode() -> bool:
+    """Whether this process's Triton interprets kernels (TRITON_INTERPRET, read at decoration)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
 def needs_interpret(wanted: bool) -> Callable[[], str | None]:
     """Triton decides compiled vs interpreted when kernels are decorated: one mode per process."""
 
     def check() -> str | None:
-        on = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-        if on == wanted:
+        if triton_interpret_mode() == wanted:
             return None
         return ("needs TRITON_INTERPRET=1 set before triton is imported" if wanted
                 else "TRITON_INTERPRET=1 is set: this process runs kernels in the interpreter")
@@ -176,10 +180,9 @@ def needs_interpret(wanted: bool) -> Callable[[], str | None]:
 @functools.lru_cache(None)
 def needs_triton_compiler() -> str | None:
     """Compiled Triton needs the package and a CUDA device it can target."""
-    if _module_missing("triton"):
-        return _module_missing("triton")
-    if not torch.cuda.is_available():
-        return "torch has no usable CUDA device"
+    reason = _module_missing("triton") or needs_cuda()
+    if reason:
+        return reason
     major, _ = torch.cuda.get_device_capability()
     return None if major >= 8 else f"compute capability {major}.x < 8.0 (the kernels need bf16 tensor cores)"
 

@@ -129,7 +129,9 @@ def rel_pos_attention_rows(targets=TARGETS, dtypes=DTYPES):
 
 
 def build_report() -> list[Row]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from .dispatch import triton_interpret_mode
+
+    if triton_interpret_mode():
         raise RuntimeError("the static report needs compiled kernels: unset TRITON_INTERPRET")
     return list(rel_pos_attention_rows())
 
