@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from deepencoder_kernels import config as cfg
+from deepencoder_kernels.profiler import device_name
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
@@ -36,12 +37,7 @@ def device_info() -> dict:
                                         cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         pass
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        from deepencoder_kernels.profiler import _cpu_name
-
-        info["device"] = _cpu_name()
+    info["device"] = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return info
 
 

@@ -302,7 +302,7 @@ def profile(mode: str = "base", image=None, weights: str | None = None, dtype: t
     n_views = 1 + (views.tiles.shape[0] if views.tiles is not None else 0)
     p = Profile(
         mode=mode, image_size=cfg.MODES[mode].base_size, views=n_views, dtype=str(dtype).replace("torch.", ""),
-        device=dev.type, device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        device=dev.type, device_name=device_name(dev),
         backend=dispatch.requested_kind(), weights=weights or "seeded random (seed 0)",
         output_tokens=out.shape[0], stages=list(rec.records.values()),
         backends={op: c.backend for op, c in dispatch.last_backends().items()},
@@ -313,14 +313,17 @@ def profile(mode: str = "base", image=None, weights: str | None = None, dtype: t
     return p
 
 
-def _cpu_name() -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model with torch's thread count (what results are labelled with)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
     except OSError:
         pass
-    return "cpu"
+    return device.type
 
 
 def window_padding_flops(image_size: int) -> int:
