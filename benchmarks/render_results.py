@@ -13,47 +13,49 @@ RESULTS = ROOT / "benchmarks" / "results"
 MiB = 2**20
 
 
+def table(columns: str, rows: list[list]) -> list[str]:
+    """A markdown table; ``columns`` is "name|name>|..." where a trailing ">" right-aligns."""
+    names = columns.split("|")
+    out = ["| " + " | ".join(n.rstrip(">") for n in names) + " |",
+           "|" + "|".join("---:" if n.endswith(">") else "---" for n in names) + "|"]
+    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def profile_section(path: Path) -> list[str]:
     p = json.loads(path.read_text())
     out = [f"**Profile, mode `{p['mode']}`** ({p['dtype']}, {p['device_name']}, backend `{p['backend']}`, "
            f"weights: {p['weights']}, {p['date']}, torch {p['versions']['torch']}): "
-           f"`deepencoder-kernels profile --mode {p['mode']} --json {path.relative_to(ROOT)}`", "",
-           "| stage | calls | tokens in | tokens out | GFLOPs | peak MiB | allocated MiB | largest tensor MiB | time s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in p["stages"]:
-        out.append(f"| {s['name']} | {s['calls']} | {s['tokens_in']} | {s['tokens_out']} | {s['flops'] / 1e9:.1f} | "
-                   f"{s['peak_bytes'] / MiB:.1f} | {s['allocated_bytes'] / MiB:.1f} | {s['largest_tensor_bytes'] / MiB:.1f} | {s['seconds']:.2f} |")
-    out.append(f"| **SAM trunk** | | | | **{p['sam_trunk_flops'] / 1e9:.1f}** | | | | |")
-    out.append(f"| **total** | | | | **{p['total_flops'] / 1e9:.1f}** | **{p['peak_bytes'] / MiB:.1f}** | | | "
-               f"{sum(s['seconds'] for s in p['stages']):.2f} |")
-    out += ["", "**Claims in circulation vs this measurement:**", "", "| claim | claimed | measured | verdict |", "|---|---:|---:|---|"]
-    for c in p["claims"]:
-        out.append(f"| {c['claim']} | {c['claimed']:g} | {c['measured']:.4g} | {c['verdict']} |")
+           f"`deepencoder-kernels profile --mode {p['mode']} --json {path.relative_to(ROOT)}`", ""]
+    rows = [[s["name"], s["calls"], s["tokens_in"], s["tokens_out"], f"{s['flops'] / 1e9:.1f}", f"{s['peak_bytes'] / MiB:.1f}",
+             f"{s['allocated_bytes'] / MiB:.1f}", f"{s['largest_tensor_bytes'] / MiB:.1f}", f"{s['seconds']:.2f}"] for s in p["stages"]]
+    rows.append(["**SAM trunk**", "", "", "", f"**{p['sam_trunk_flops'] / 1e9:.1f}**", "", "", "", ""])
+    rows.append(["**total**", "", "", "", f"**{p['total_flops'] / 1e9:.1f}**", f"**{p['peak_bytes'] / MiB:.1f}**", "", "",
+                 f"{sum(s['seconds'] for s in p['stages']):.2f}"])
+    out += table("stage|calls>|tokens in>|tokens out>|GFLOPs>|peak MiB>|allocated MiB>|largest tensor MiB>|time s>", rows)
+    out += ["", "**Claims in circulation vs this measurement:**", ""]
+    out += table("claim|claimed>|measured>|verdict",
+                 [[c["claim"], f"{c['claimed']:g}", f"{c['measured']:.4g}", c["verdict"]] for c in p["claims"]])
     return out
 
 
 def memory_section(path: Path) -> list[str]:
     m = json.loads(path.read_text())
     out = [f"**SAM attention activation memory** (bf16, batch 1, {m['device']}, {m['date']}): "
-           f"`python benchmarks/bench_memory.py`", "",
-           "| mode | block | reference peak MiB | reference allocated MiB | fused peak MiB | output MiB |", "|---|---|---:|---:|---:|---:|"]
-    for r in m["rows"]:
-        fused = f"{r['fused_peak_bytes'] / MiB:.1f}" if r["fused_peak_bytes"] is not None else "not measured (no GPU)"
-        out.append(f"| {r['mode']} | {r['block']} | {r['reference_peak_bytes'] / MiB:.1f} | {r['reference_total_bytes'] / MiB:.1f} | {fused} | {r['output_bytes'] / MiB:.1f} |")
-    return out
+           f"`python benchmarks/bench_memory.py`", ""]
+    rows = [[r["mode"], r["block"], f"{r['reference_peak_bytes'] / MiB:.1f}", f"{r['reference_total_bytes'] / MiB:.1f}",
+             f"{r['fused_peak_bytes'] / MiB:.1f}" if r["fused_peak_bytes"] is not None else "not measured (no GPU)",
+             f"{r['output_bytes'] / MiB:.1f}"] for r in m["rows"]]
+    return out + table("mode|block|reference peak MiB>|reference allocated MiB>|fused peak MiB>|output MiB>", rows)
 
 
 def static_section(path: Path) -> list[str]:
     s = json.loads(path.read_text())
     out = [f"**Static kernel report** (AOT, Triton {s['triton']}, no GPU needed): "
-           f"`deepencoder-kernels static-report --check {path.relative_to(ROOT)}`", "",
-           "| kernel | case | config | target | dtype | registers | spill B | shared B | tensor-core instr |", "|---|---|---|---|---|---:|---:|---:|---:|"]
-    for r in s["rows"]:
-        if r["dtype"] != "bf16":
-            continue  # fp16 rows are identical in every figure; the JSON holds both
-        out.append(f"| {r['kernel']} | {r['case']} | {r['config']} | {r['target']} | {r['dtype']} | {r['registers']} | "
-                   f"{r['spill_bytes']} | {r['shared_bytes']} | {r['tensor_core_instructions']} |")
-    return out
+           f"`deepencoder-kernels static-report --check {path.relative_to(ROOT)}`", ""]
+    # fp16 rows are identical in every figure; the JSON holds both
+    rows = [[r[k] for k in ("kernel", "case", "config", "target", "dtype", "registers", "spill_bytes", "shared_bytes",
+                            "tensor_core_instructions")] for r in s["rows"] if r["dtype"] == "bf16"]
+    return out + table("kernel|case|config|target|dtype|registers>|spill B>|shared B>|tensor-core instr>", rows)
 
 
 def main() -> None:
