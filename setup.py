@@ -1,7 +1,8 @@
 """Build: the Python package from python/ + kernels/, and the C++ extension through CMake.
 
 The extension (csrc/) is configured by CMakeLists.txt and built with ninja; set
-DEEPENCODER_KERNELS_NO_EXT=1 to skip it (the ops then run on their other backends).
+DEEPENCODER_KERNELS_NO_EXT=1 to skip it (the ops then run on their other backends), and
+DEEPENCODER_KERNELS_CUDA=1 to add the CUDA sources (needs nvcc; not a CUDA build of torch).
 """
 import os
 import subprocess
@@ -28,6 +29,8 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = ["-G", "Ninja", f"-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
                f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DOUTPUT_DIR={out_dir}"]
+        if os.environ.get("DEEPENCODER_KERNELS_CUDA") == "1":
+            cfg.append("-DDEEPENCODER_KERNELS_CUDA=ON")
         cfg += os.environ.get("DEEPENCODER_KERNELS_CMAKE_ARGS", "").split()
         subprocess.run(["cmake", str(ROOT), *cfg], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "-j", str(os.cpu_count() or 2)], cwd=build_dir, check=True)
@@ -37,8 +40,12 @@ HAS_SOURCES = any((ROOT / "csrc").glob("*.cpp"))
 ext_modules = [] if os.environ.get("DEEPENCODER_KERNELS_NO_EXT") or not HAS_SOURCES else [CMakeExtension("deepencoder_kernels._C")]
 
 setup(
-    package_dir={"deepencoder_kernels": "python/deepencoder_kernels", "deepencoder_kernels.kernels": "kernels"},
-    packages=["deepencoder_kernels", "deepencoder_kernels.ops", "deepencoder_kernels.modules", "deepencoder_kernels.kernels"],
+    package_dir={"deepencoder_kernels": "python/deepencoder_kernels", "deepencoder_kernels.kernels": "kernels",
+                 "deepencoder_kernels.csrc": "csrc"},
+    packages=["deepencoder_kernels", "deepencoder_kernels.ops", "deepencoder_kernels.modules", "deepencoder_kernels.kernels",
+              "deepencoder_kernels.csrc"],
+    # the CUDA kernel source ships as data: the CuPy path compiles it with NVRTC at run time
+    package_data={"deepencoder_kernels.csrc": ["*.h", "*.cuh"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -1,9 +1,13 @@
-// deepencoder_kernels._C: the C++ extension's entry point (pybind11). Ops register here as they
-// arrive; today it reports how it was built, so the build path (setup.py -> CMake -> ninja) is
-// exercised by every install and CI run.
+// deepencoder_kernels._C: the C++ extension's entry point (pybind11). Tensors cross as data
+// pointers (Python ints) plus sizes: the Python ops layer validates, allocates and registers the
+// torch op, so this module needs no torch headers and works with any torch build.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <string>
+
+#include "saccade_gather.h"
+#include "saccade_order.h"
 
 namespace py = pybind11;
 
@@ -24,12 +28,69 @@ py::dict build_info() {
   info["openmp"] = false;
 #endif
   info["cplusplus"] = static_cast<long>(__cplusplus);
+#if defined(__SANITIZE_ADDRESS__)
+  info["address_sanitizer"] = true;
+#else
+  info["address_sanitizer"] = false;
+#endif
+#ifdef DK_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
   return info;
 }
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+dk::SaccadeGatherArgs saccade_args(uintptr_t scores, int score_dtype, uintptr_t cu_seqlens, int64_t uniform_length,
+                                   uintptr_t k, int64_t num_images, int64_t total_out, uintptr_t features,
+                                   int64_t row_bytes, bool spatial_order, uintptr_t gathered, uintptr_t positions,
+                                   uintptr_t sources, uintptr_t cu_seqlens_out) {
+  if (score_dtype < dk::kFloat32 || score_dtype > dk::kBFloat16) throw py::value_error("score_dtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  if (num_images < 0 || total_out < 0 || row_bytes < 0 || uniform_length < 0)
+    throw py::value_error("num_images, total_out, row_bytes and uniform_length must be >= 0");
+  return {ptr<const void>(scores), score_dtype, ptr<const int32_t>(cu_seqlens), uniform_length, ptr<const int64_t>(k),
+          num_images, total_out, ptr<const void>(features), row_bytes, spatial_order, ptr<void>(gathered),
+          ptr<int64_t>(positions), ptr<int64_t>(sources), ptr<int32_t>(cu_seqlens_out)};
+}
+
+constexpr const char* kSaccadeDoc =
+    "Saccade gather on raw pointers (see csrc/saccade_gather.h). Arguments: scores, score_dtype "
+    "(0 fp32, 1 fp16, 2 bf16), cu_seqlens (0: uniform), uniform_length, k, num_images, total_out, features, "
+    "row_bytes, spatial_order, gathered, positions, sources, cu_seqlens_out. "
+    "Use deepencoder_kernels.ops.saccade_gather.";
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "deepencoder-kernels C++ extension";
-  m.def("build_info", &build_info, "How this extension was compiled: compiler, OpenMP, C++ standard.");
+  m.def("build_info", &build_info, "How this extension was compiled: compiler, OpenMP, C++ standard, CUDA.");
+  m.def(
+      "saccade_gather_cpu",
+      [](uintptr_t scores, int score_dtype, uintptr_t cu_seqlens, int64_t uniform_length, uintptr_t k,
+         int64_t num_images, int64_t total_out, uintptr_t features, int64_t row_bytes, bool spatial_order,
+         uintptr_t gathered, uintptr_t positions, uintptr_t sources, uintptr_t cu_seqlens_out) {
+        const auto args = saccade_args(scores, score_dtype, cu_seqlens, uniform_length, k, num_images, total_out,
+                                       features, row_bytes, spatial_order, gathered, positions, sources, cu_seqlens_out);
+        py::gil_scoped_release release;
+        return dk::saccade_gather_cpu(args);
+      },
+      kSaccadeDoc);
+#ifdef DK_WITH_CUDA
+  m.def(
+      "saccade_gather_cuda",
+      [](uintptr_t scores, int score_dtype, uintptr_t cu_seqlens, int64_t uniform_length, uintptr_t k,
+         int64_t num_images, int64_t total_out, uintptr_t features, int64_t row_bytes, bool spatial_order,
+         uintptr_t gathered, uintptr_t positions, uintptr_t sources, uintptr_t cu_seqlens_out, uintptr_t stream) {
+        const auto args = saccade_args(scores, score_dtype, cu_seqlens, uniform_length, k, num_images, total_out,
+                                       features, row_bytes, spatial_order, gathered, positions, sources, cu_seqlens_out);
+        py::gil_scoped_release release;
+        return dk::saccade_gather_cuda(args, reinterpret_cast<void*>(stream));
+      },
+      kSaccadeDoc);
+#endif
 }

@@ -29,12 +29,9 @@ def _info(args) -> int:
     from . import __version__, available
 
     print(f"deepencoder-kernels {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-    try:
-        from . import _C
+    from .extension import EXTENSION, MISSING
 
-        print(f"  C++ extension: built ({_C.build_info()})")
-    except ImportError as e:
-        print(f"  C++ extension: not built ({e})")
+    print(f"  C++ extension: {MISSING or f'built ({EXTENSION.build_info()})'}")
     for op, backends in available().items():
         for name, reasons in backends.items():
             print(f"  {op:<18} {name:<17} " + ("usable" if not reasons else "unusable: " + "; ".join(reasons)))

@@ -35,6 +35,7 @@ class Backend:
     requires: tuple[Callable[[], str | None], ...] = ()   # each returns a reason or None
     custom_op: bool = True                     # False: traced as plain torch ops (the reference)
     accepts: Callable[..., str | None] | None = None    # input-dependent limits: args -> reason or None
+    differentiable: bool = False               # its custom op has a backward; else autograd -> reference
 
     def reasons(self, device: torch.device, dtype: torch.dtype, args: tuple | None = None) -> list[str]:
         out = []

@@ -225,7 +225,7 @@ def saccade_gather(scores, features, k, cu_seqlens=None, spatial_order: bool = F
         B, N = scores.shape
         starts = [b * N for b in range(B + 1)]
         scores = scores.reshape(-1)
-        features = features.reshape(B * N, -1)
+        features = features.reshape(B * N, features.shape[-1])
     else:
         starts = cu_seqlens.tolist()
     ks = k.tolist()

@@ -5,11 +5,14 @@ from typing import Optional, Union
 
 import torch
 
-from .. import dispatch, reference
+from .. import dispatch, extension, reference
 from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_shape, check_tensor, impl_of, run
 
 OP = "saccade_gather"
 ORDERS = ("score", "spatial")
+SCORE_GRADS = ("none", "straight_through")
+# score dtype -> the C++/CUDA code's ScoreDtype (csrc/saccade_order.h)
+SCORE_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def saccade_gather(
@@ -18,18 +21,24 @@ def saccade_gather(
     k: Union[int, torch.Tensor],
     cu_seqlens: Optional[torch.Tensor] = None,
     order: str = "score",
+    score_grad: str = "none",
 ):
     """Keep each image's ``k[b]`` best-scoring positions and gather their feature rows, packed.
 
     Args:
-        scores: ``[B, N]``, or packed ``[total]`` with ``cu_seqlens``; fp32/fp16/bf16.
-        features: ``[B, N, C]``, or packed ``[total, C]``; contiguous; any float dtype.
+        scores: ``[B, N]``, or packed ``[total]`` with ``cu_seqlens``; fp32/fp16/bf16; contiguous.
+        features: ``[B, N, C]``, or packed ``[total, C]``; contiguous; fp32/fp16/bf16.
         k: an int (same budget for every image) or int64 ``[B]``; ``0 <= k[b] <= N_b``.
         cu_seqlens: int32 ``[B + 1]`` offsets of packed inputs (None for ``[B, N]`` inputs).
         order: ``"score"`` (descending score) or ``"spatial"`` (ascending position, reading order).
+        score_grad: ``"none"``: the selection is not differentiable, only ``features`` get
+            gradients (a scatter-add of the output gradient into the chosen rows).
+            ``"straight_through"``: each gathered row is multiplied by ``1 + s - s.detach()``
+            (exactly 1 in the forward), so ``scores`` get ``<grad_row, row>`` at chosen positions.
 
-    Ties go to the lower position. NaN scores rank below every number, so a NaN position is
-    chosen only when ``k[b]`` exceeds the image's count of non-NaN scores (then lowest index first).
+    Ties go to the lower position. NaN scores rank below every number (-inf included), so a NaN
+    position is chosen only when ``k[b]`` exceeds the image's count of non-NaN scores (then lowest
+    index first). ``+0`` and ``-0`` are equal.
 
     Returns:
         ``(gathered [sum k, C], positions int64 [sum k] (index within its image),
@@ -40,16 +49,18 @@ def saccade_gather(
     check_tensor("scores", scores, ndim=(1, 2), dtypes=FLOAT_DTYPES)
     device = scores.device
     check_tensor("features", features, ndim=(2, 3), dtypes=FLOAT_DTYPES, device=device)
-    if not features.is_contiguous():
-        raise ValueError(f"features must be contiguous, got strides {features.stride()} for shape {list(features.shape)}")
+    for name, t in (("scores", scores), ("features", features)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {list(t.shape)}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if score_grad not in SCORE_GRADS:
+        raise ValueError(f"score_grad must be one of {SCORE_GRADS}, got {score_grad!r}")
     if cu_seqlens is None:
         if scores.dim() != 2:
             raise ValueError(f"scores must be [B, N] without cu_seqlens, got shape {list(scores.shape)}")
         B, N = scores.shape
         check_shape("features", features, (B, N, None))
-        lengths = torch.full((B,), N, dtype=torch.int64)
     else:
         if scores.dim() != 1:
             raise ValueError(f"scores must be packed [total] with cu_seqlens, got shape {list(scores.shape)}")
@@ -57,22 +68,46 @@ def saccade_gather(
         if cu_seqlens.shape[0] < 2:
             raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got shape {list(cu_seqlens.shape)}")
         check_shape("features", features, (scores.shape[0], None))
-        check_cu_seqlens("cu_seqlens", cu_seqlens, scores.shape[0], None)
         B = cu_seqlens.shape[0] - 1
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64).cpu()
     if isinstance(k, bool) or not isinstance(k, (int, torch.Tensor)):
         raise TypeError(f"k must be an int or an int64 tensor, got {type(k).__name__}")
     if isinstance(k, int):
         k = torch.full((B,), k, dtype=torch.int64, device=device)
     check_tensor("k", k, ndim=1, dtypes=(torch.int64,), device=device)
     check_shape("k", k, (B,))
-    k_host = k.cpu()
-    bad = ((k_host < 0) | (k_host > lengths)).nonzero()
-    if bad.numel():
-        b = int(bad[0])
-        raise ValueError(f"k[{b}] = {int(k_host[b])} is out of range: each k must be in [0, N_b = {int(lengths[b])}]")
+    if not torch.compiler.is_compiling():  # value checks read to the host: eager only, no graph break
+        _check_values(scores, k, cu_seqlens)
     args = (scores, features, k, cu_seqlens, order == "spatial")
-    return run(OP, _saccade_gather_op, args, device, scores.dtype)
+    gathered, positions, cu_out = run(OP, _saccade_gather_op, args, device, scores.dtype)
+    if score_grad == "straight_through" and scores.requires_grad and torch.is_grad_enabled():
+        chosen = scores.reshape(-1)[source_rows(positions, cu_out, cu_seqlens, scores.shape[-1])]
+        gathered = gathered * (chosen - chosen.detach() + 1).to(gathered.dtype).unsqueeze(-1)
+    return gathered, positions, cu_out
+
+
+def _check_values(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> None:
+    if cu_seqlens is None:
+        lo, hi = (int(v) for v in torch.aminmax(k)) if k.numel() else (0, 0)
+        if 0 <= lo and hi <= scores.shape[1]:
+            return
+        lengths = [scores.shape[1]] * k.shape[0]
+    else:
+        check_cu_seqlens("cu_seqlens", cu_seqlens, scores.shape[0], None)
+        bounds = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    for b, (kb, n) in enumerate(zip(k.tolist(), lengths)):
+        if not 0 <= kb <= n:
+            raise ValueError(f"k[{b}] = {kb} is out of range: each k must be in [0, N_b = {n}]")
+
+
+def source_rows(positions: torch.Tensor, cu_out: torch.Tensor, cu_seqlens: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """Row of each gathered position in the flattened (packed) inputs."""
+    counts = (cu_out[1:] - cu_out[:-1]).to(torch.int64)
+    if cu_seqlens is None:
+        starts = torch.arange(counts.shape[0], device=positions.device, dtype=torch.int64) * n
+    else:
+        starts = cu_seqlens[:-1].to(torch.int64)
+    return positions + torch.repeat_interleave(starts, counts, output_size=positions.shape[0])
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP}", mutates_args=())
@@ -98,4 +133,57 @@ def _(scores, features, k, cu_seqlens, spatial_order, backend):
     )
 
 
+def _setup_context(ctx, inputs, output):
+    scores, features, _, cu_seqlens, _, _ = inputs
+    _, positions, cu_out = output
+    ctx.features_shape = features.shape
+    ctx.n = scores.shape[-1]
+    ctx.save_for_backward(positions, cu_out, cu_seqlens)
+
+
+def _backward(ctx, grad_gathered, _grad_positions, _grad_cu):
+    positions, cu_out, cu_seqlens = ctx.saved_tensors
+    rows = source_rows(positions, cu_out, cu_seqlens, ctx.n)
+    C = ctx.features_shape[-1]
+    grad = grad_gathered.new_zeros(ctx.features_shape).view(-1, C)
+    grad.index_add_(0, rows, grad_gathered)  # rows are distinct within an image, and images do not overlap
+    return None, grad.view(ctx.features_shape), None, None, None, None
+
+
+_saccade_gather_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the C++ extension backend -------------------------------------------------------------------
+
+
+def _extension_serves(scores, *_args) -> str | None:
+    if not hasattr(extension.EXTENSION, f"saccade_gather_{scores.device.type}"):
+        return "the C++ extension was built without CUDA (rebuild with DEEPENCODER_KERNELS_CUDA=1)"
+    return None
+
+
+def _saccade_gather_cpp(scores, features, k, cu_seqlens, spatial_order):
+    device = scores.device
+    B = k.shape[0]
+    total = int(k.sum())  # sizes the outputs (the ops layer read k to the host already)
+    C = features.shape[-1]
+    gathered = features.new_empty(total, C)
+    positions = torch.empty(total, device=device, dtype=torch.int64)
+    sources = torch.empty(total, device=device, dtype=torch.int64)
+    cu_out = torch.empty(B + 1, device=device, dtype=torch.int32)
+    call = (scores.data_ptr(), SCORE_DTYPE_CODES[scores.dtype], 0 if cu_seqlens is None else cu_seqlens.data_ptr(),
+            scores.shape[1] if cu_seqlens is None else 0, k.data_ptr(), B, total, features.data_ptr(),
+            C * features.element_size(), spatial_order, gathered.data_ptr(), positions.data_ptr(), sources.data_ptr(),
+            cu_out.data_ptr())
+    if device.type == "cuda":
+        err = extension.EXTENSION.saccade_gather_cuda(*call, torch.cuda.current_stream(device).cuda_stream)
+        if err:
+            raise RuntimeError(f"saccade_gather CUDA launch failed with cudaError {err}")
+    else:
+        extension.EXTENSION.saccade_gather_cpu(*call)
+    return gathered, positions, cu_out
+
+
 dispatch.register(OP, dispatch.Backend("reference", reference.saccade_gather, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
+dispatch.register(OP, dispatch.Backend("cpp", _saccade_gather_cpp, ("cpu", "cuda"), FLOAT_DTYPES, (extension.missing,),
+                                       accepts=_extension_serves, differentiable=True))

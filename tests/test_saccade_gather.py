@@ -1,0 +1,215 @@
+"""The saccade op: the C++ backend against the reference (exact: it only selects and copies),
+property-based over shapes/budgets/ties/NaNs, autograd, torch.compile, and the CUDA source built by
+nvcc and NVRTC (it cannot run here)."""
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import deepencoder_kernels as dk
+from deepencoder_kernels import extension, ops, reference
+from deepencoder_kernels.static_report import _tool
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ORDERS = ("score", "spatial")
+
+
+def run_both(*args, **kwargs):
+    """The op on the C++ backend (checked to have run there) and on the reference."""
+    with dk.backend("cpp"):
+        got = ops.saccade_gather(*args, **kwargs)
+    assert dk.last_backends()["saccade_gather"].backend == "cpp"
+    with dk.backend("reference"):
+        want = ops.saccade_gather(*args, **kwargs)
+    return got, want
+
+
+def assert_same(got, want):
+    for name, g, w in zip(("gathered", "positions", "cu_seqlens_out"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert torch.equal(g, w), f"{name} differs:\n{g}\n{w}"
+
+
+def plain_topk(scores: list[float], k: int, spatial: bool) -> list[int]:
+    """The documented rule, written independently of torch: NaN last, higher score first, lower index first."""
+    order = sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]), -scores[i] if not math.isnan(scores[i]) else 0, i))
+    chosen = order[:k]
+    return sorted(chosen) if spatial else chosen
+
+
+def test_extension_is_built():
+    assert extension.MISSING is None, extension.MISSING
+    info = extension.EXTENSION.build_info()
+    assert info["cplusplus"] >= 201703 and info["compiler"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_cpp_matches_reference_batched(dtype, order):
+    B, N, C = 4, 300, 24
+    scores = torch.randn(B, N).to(dtype)
+    scores[0, 5:40] = 0.25                                  # ties
+    scores[1, ::7] = float("nan")                           # NaNs, chosen only when k exceeds the numbers
+    scores[2, :3] = torch.tensor([float("inf"), -float("inf"), -0.0]).to(dtype)
+    scores[2, 3] = 0.0                                      # +0 ties -0: lower index first
+    features = torch.randn(B, N, C).to(dtype)
+    k = torch.tensor([60, N, 0, 1])
+    got, want = run_both(scores, features, k, order=order)
+    assert_same(got, want)
+    for b, (start, end) in enumerate(zip(want[2][:-1].tolist(), want[2][1:].tolist())):
+        assert got[1][start:end].tolist() == plain_topk(scores[b].float().tolist(), int(k[b]), order == "spatial")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_matches_reference_packed(dtype):
+    lengths = [1, 4096, 0, 257, 65]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    scores = torch.randn(sum(lengths)).to(dtype)
+    features = torch.randn(sum(lengths), 768).to(dtype)
+    k = torch.tensor([1, 273, 0, 257, 17])
+    for order in ORDERS:
+        got, want = run_both(scores, features, k, cu_seqlens=cu, order=order)
+        assert_same(got, want)
+        assert got[0].shape == (sum(k.tolist()), 768)
+
+
+@st.composite
+def problems(draw):
+    lengths = draw(st.lists(st.integers(0, 70), min_size=1, max_size=5))
+    values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.5, math.inf, -math.inf, math.nan, 1e-3, -7.0])
+    scores = [draw(values) for _ in range(sum(lengths))]
+    budgets = [draw(st.sampled_from([0, 1, n, n // 2, max(n - 1, 0)])) if n else 0 for n in lengths]
+    budgets = [min(max(b, 0), n) for b, n in zip(budgets, lengths)]
+    dtype = draw(st.sampled_from(DTYPES))
+    order = draw(st.sampled_from(ORDERS))
+    channels = draw(st.integers(1, 9))
+    packed = draw(st.booleans()) or len(set(lengths)) > 1
+    return lengths, scores, budgets, dtype, order, channels, packed
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_cpp_property_against_reference(problem):
+    """Random shapes, budgets (0, 1, N, mixed), ties, +-0, infinities and NaNs, every dtype and order."""
+    lengths, scores, budgets, dtype, order, channels, packed = problem
+    s = torch.tensor(scores, dtype=torch.float32).to(dtype)
+    f = torch.randn(len(scores), channels).to(dtype)
+    k = torch.tensor(budgets, dtype=torch.int64)
+    if packed:
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        got, want = run_both(s, f, k, cu_seqlens=cu, order=order)
+    else:
+        B, N = len(lengths), lengths[0]
+        got, want = run_both(s.view(B, N), f.view(B, N, channels), k, order=order)
+    assert_same(got, want)
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    for b in range(len(lengths)):
+        image = s[starts[b]:starts[b + 1]].float().tolist()
+        a, e = int(got[2][b]), int(got[2][b + 1])
+        assert got[1][a:e].tolist() == plain_topk(image, budgets[b], order == "spatial")
+
+
+def test_cpp_backward_scatters_into_features():
+    scores = torch.randn(3, 50)
+    features = torch.randn(3, 50, 8, requires_grad=True)
+    k = torch.tensor([7, 0, 50])
+    with dk.backend("cpp"):
+        out, pos, _ = ops.saccade_gather(scores, features, k)
+    assert dk.last_backends()["saccade_gather"].backend == "cpp"
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    expected = torch.zeros(3 * 50, 8)
+    rows = torch.cat([pos[:7], pos[7:] + 100])
+    expected[rows] = weight
+    assert torch.equal(features.grad.view(-1, 8), expected)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_straight_through_score_gradient(backend):
+    scores = torch.randn(2, 30, requires_grad=True)
+    features = torch.randn(2, 30, 4, requires_grad=True)
+    with dk.backend(backend):
+        out, pos, cu = ops.saccade_gather(scores, features, 5, score_grad="straight_through")
+        plain, _, _ = ops.saccade_gather(scores, features, 5)
+    assert torch.equal(out, plain)                                   # forward unchanged
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    rows = pos + torch.tensor([0] * 5 + [30] * 5)
+    expected = torch.zeros(60)
+    expected[rows] = (weight * plain.detach()).sum(-1)
+    assert torch.allclose(scores.grad.view(-1), expected)
+    with dk.backend(backend):
+        s2 = scores.detach().requires_grad_(True)
+        ops.saccade_gather(s2, features, 5)[0].sum().backward()
+    assert s2.grad is None                                           # no estimator: scores get nothing
+
+
+def test_rejects_non_contiguous_scores_and_foreign_device():
+    with pytest.raises(ValueError, match="scores must be contiguous"):
+        ops.saccade_gather(torch.randn(8, 2).t(), torch.randn(2, 8, 4), 3)
+    with pytest.raises(ValueError, match="features must be on cpu"):
+        ops.saccade_gather(torch.randn(2, 8), torch.randn(2, 8, 4, device="meta"), 3)
+    with pytest.raises(ValueError, match="score_grad must be one of"):
+        ops.saccade_gather(torch.randn(2, 8), torch.randn(2, 8, 4), 3, score_grad="gumbel")
+
+
+def test_cpp_passes_opcheck():
+    torch.library.opcheck(torch.ops.deepencoder_kernels.saccade_gather,
+                          (torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor([3, 1]), None, False, "cpp"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compiles_fullgraph_without_graph_break():
+    def step(scores, features, k):
+        gathered, positions, cu = ops.saccade_gather(scores, features, k, order="spatial")
+        return gathered * 2, positions, cu
+
+    scores, features, k = torch.randn(2, 64), torch.randn(2, 64, 16), torch.tensor([5, 9])
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with dk.backend("cpp"):
+        got = compiled(scores, features, k)
+        want = step(scores, features, k)
+    assert_same(got, want)
+
+
+# ---- the CUDA source: nvcc (sm_80, sm_90a) and NVRTC (the CuPy path) ---------------------------
+
+NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+
+@pytest.mark.skipif(not Path(NVCC).exists(), reason="nvcc is not installed (CI has it: the CUDA file must compile there)")
+def test_cuda_source_compiles_for_sm80_and_sm90a(tmp_path):
+    obj = tmp_path / "saccade_gather.o"
+    cmd = [NVCC, "-c", "-O3", "-std=c++17", "-DDK_WITH_CUDA", "-Werror", "all-warnings", f"-I{ROOT / 'csrc'}",
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
+           str(ROOT / "csrc" / "saccade_gather.cu"), "-o", str(obj)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(obj)], capture_output=True, text=True,
+                           check=True).stdout
+    for arch in ("sm_80", "sm_90a"):
+        section = usage.split(f"arch = {arch}")[1].split("arch = ")[0]
+        kernels = re.findall(r"Function (\w+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", section)
+        assert {name for name, *_ in kernels} >= {"saccade_select", "saccade_gather_rows_16"}, section
+        for name, regs, stack, shared, local in kernels:
+            assert int(stack) == 0 and int(local) == 0, f"{arch} {name} spills: {section}"
+            assert int(shared) < 48 * 1024, f"{arch} {name} needs {shared} B of shared memory"
+
+
+def test_cupy_path_compiles_with_nvrtc():
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="install the 'cupy' extra (CI does)")
+    from deepencoder_kernels import cupy_saccade
+
+    source = cupy_saccade.cuda_source()
+    assert "#include" not in source and "score_key" in source  # the shared ranking rule is inlined
+    for arch in ("sm_80", "sm_90a"):
+        cubin = cupy_saccade.compile_cubin(arch)
+        assert cubin[:4] == b"\x7fELF"
+        assert b"saccade_select" in cubin and b"saccade_gather_rows_16" in cubin
