@@ -48,6 +48,16 @@ def memory_section(path: Path) -> list[str]:
     return out + table("mode|block|reference peak MiB>|reference allocated MiB>|fused peak MiB>|output MiB>", rows)
 
 
+def saccade_section(path: Path) -> list[str]:
+    m = json.loads(path.read_text())
+    out = [f"**Saccade gather, C++ op vs torch** (scores fp32, features bf16, {m['device']}, {m['date']}, "
+           f"torch {m['torch']}; medians, side by side in one run): `cd benchmarks && python bench_saccade_gather.py`", ""]
+    rows = [[r["candidates"], r["channels"], r["k"], r["batch"], f"{r['ours_us']:.0f}", f"{r['topk_gather_us']:.0f}",
+             f"**{r['speedup_one_k']:.2f}x**", f"{r['ours_mixed_k_us']:.0f}", f"{r['per_image_loop_us']:.0f}",
+             f"**{r['speedup_mixed_k']:.2f}x**"] for r in m["rows"]]
+    return out + table("N|C>|k>|batch>|op us>|topk+gather us>|speed-up>|op, per-image k us>|per-image topk loop us>|speed-up>", rows)
+
+
 def static_section(path: Path) -> list[str]:
     s = json.loads(path.read_text())
     out = [f"**Static kernel report** (AOT, Triton {s['triton']}, no GPU needed): "
@@ -64,6 +74,8 @@ def main() -> None:
         parts += profile_section(path) + [""]
     for path in sorted(RESULTS.glob("attention_memory_*.json")):
         parts += memory_section(path) + [""]
+    for path in sorted(RESULTS.glob("saccade_gather_*.json")):
+        parts += saccade_section(path) + [""]
     parts += static_section(ROOT / "benchmarks" / "baselines" / "static_report.json")
     readme = ROOT / "README.md"
     text = readme.read_text()

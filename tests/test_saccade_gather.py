@@ -213,3 +213,71 @@ def test_cupy_path_compiles_with_nvrtc():
         cubin = cupy_saccade.compile_cubin(arch)
         assert cubin[:4] == b"\x7fELF"
         assert b"saccade_select" in cubin and b"saccade_gather_rows_16" in cubin
+
+
+# ---- the selection module and the encoder option -------------------------------------------------
+
+from deepencoder_kernels.modules import SaccadeSelector  # noqa: E402
+from deepencoder_kernels.modules.saccade import base_token_count  # noqa: E402
+
+
+def test_budget_scales_with_resolution():
+    sel = SaccadeSelector(feature_dim=8, out_dim=4)
+    assert [base_token_count(s) for s in (32, 40, 64, 80)] == [73, 111, 273, 421]
+    assert [sel.budget(s) for s in (32, 40, 64, 80)] == [73, 111, 273, 421]
+    assert SaccadeSelector(feature_dim=8, out_dim=4, budget_ratio=0.5).budget(64) == 136
+    assert SaccadeSelector(feature_dim=8, out_dim=4, budget_ratio=100).budget(8) == 64  # at most every position
+
+
+def _selector(query_dim=None):
+    torch.manual_seed(1)
+    sel = SaccadeSelector(feature_dim=16, out_dim=12, query_dim=query_dim, key_dim=8, pos_grid=8).eval()
+    with torch.no_grad():
+        sel.pos_embed.normal_()
+    return sel
+
+
+def test_selector_picks_the_top_scores_and_adds_positions():
+    sel = _selector()
+    trunk = torch.randn(2, 8, 8, 16)
+    tokens, positions, cu = sel(trunk, k=torch.tensor([5, 9]))
+    normed = sel.norm(trunk.reshape(2, 64, 16))
+    scores = sel.scores(normed)
+    for b, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        want = reference.saccade_select(scores[b], e - a, spatial_order=True)
+        assert torch.equal(positions[a:e], want)
+        expected = sel.proj(normed[b, want]) + sel.pos_embed.reshape(64, -1)[want]
+        torch.testing.assert_close(tokens[a:e], expected)
+
+
+def test_query_aware_selection_depends_on_the_query():
+    sel = _selector(query_dim=6)
+    trunk = torch.randn(1, 8, 8, 16)
+    picks = {tuple(sel(trunk, k=6, query=torch.randn(1, 6))[1].tolist()) for _ in range(4)}
+    assert len(picks) > 1
+    with pytest.raises(ValueError, match="built without query_dim"):
+        _selector()(trunk, k=3, query=torch.randn(1, 6))
+
+
+def test_selector_trains_its_scorer_through_the_straight_through_estimator():
+    sel = _selector(query_dim=6).train()
+    tokens, _, _ = sel(torch.randn(2, 8, 8, 16), k=7, query=torch.randn(2, 6))
+    tokens.square().sum().backward()
+    for name in ("content.weight", "query_proj.weight", "key_proj.weight", "proj.weight", "pos_embed"):
+        grad = dict(sel.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_encoder_appends_saccade_tokens_after_the_base_layout():
+    from PIL import Image
+
+    from conftest import small_encoder
+
+    enc = small_encoder()
+    image = Image.new("RGB", (900, 700), "white")
+    plain = enc.encode(image, "base")[0]
+    enc.saccades = SaccadeSelector(feature_dim=64, out_dim=24, budget_ratio=0.25).eval()
+    out = enc.encode(image, "base")[0]
+    assert out.shape == (273 + round(0.25 * 273), 24)
+    assert torch.equal(out[:273], plain)          # the upstream layout is untouched
+    assert any(key.startswith("saccades.") for key in enc.state_dict())

@@ -304,7 +304,7 @@ def profile(mode: str = "base", image=None, weights: str | None = None, dtype: t
         mode=mode, image_size=cfg.MODES[mode].base_size, views=n_views, dtype=str(dtype).replace("torch.", ""),
         device=dev.type, device_name=device_name(dev),
         backend=dispatch.requested_kind(), weights=weights or "seeded random (seed 0)",
-        output_tokens=out.shape[0], stages=list(rec.records.values()),
+        output_tokens=out.shape[0], stages=[r for r in rec.records.values() if r.calls],
         backends={op: c.backend for op, c in dispatch.last_backends().items()},
         versions=_versions(), date=time.strftime("%Y-%m-%d"),
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-STAGES = ("patch embed", "windowed blocks", "global blocks", "neck+compressor", "CLIP", "projector")
+STAGES = ("patch embed", "windowed blocks", "global blocks", "neck+compressor", "CLIP", "projector", "saccades")
 
 try:
     import nvtx as _nvtx

@@ -1,6 +1,8 @@
 """Thin nn.Modules with DeepSeek-OCR's parameter names; their math goes through ``ops``."""
 from .clip import ClipAttention, ClipVisionModel
 from .encoder import DeepEncoder, MlpProjector
+from .saccade import SaccadeSelector
 from .sam import RelPosAttention, SamBlock, SamEncoder
 
-__all__ = ["ClipAttention", "ClipVisionModel", "DeepEncoder", "MlpProjector", "RelPosAttention", "SamBlock", "SamEncoder"]
+__all__ = ["ClipAttention", "ClipVisionModel", "DeepEncoder", "MlpProjector", "RelPosAttention", "SaccadeSelector", "SamBlock",
+           "SamEncoder"]

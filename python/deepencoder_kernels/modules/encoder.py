@@ -8,6 +8,7 @@ from .. import config as cfg
 from ..preprocess import Views, preprocess
 from ..stages import nvtx_stage
 from .clip import ClipVisionModel
+from .saccade import SaccadeSelector
 from .sam import SamEncoder
 
 
@@ -27,10 +28,13 @@ class DeepEncoder(nn.Module):
 
     ``sam_model(pixels) -> [B, 1024, h, w]``, ``vision_model(pixels, sam_features)``,
     ``projector(x)``, ``image_newline`` and ``view_seperator`` (sic) as upstream has them.
+
+    ``saccades``: an optional :class:`SaccadeSelector`; with one, each image's tokens are followed by
+    the saccade tokens of its global view (not part of the DeepSeek-OCR checkpoint).
     """
 
     def __init__(self, sam: SamEncoder | None = None, clip: ClipVisionModel | None = None,
-                 projector: MlpProjector | None = None):
+                 projector: MlpProjector | None = None, saccades: SaccadeSelector | None = None):
         super().__init__()
         self.sam_model = sam or SamEncoder()
         self.vision_model = clip or ClipVisionModel()
@@ -38,6 +42,7 @@ class DeepEncoder(nn.Module):
         dim = self.projector.layers.out_features
         self.image_newline = nn.Parameter(torch.zeros(dim))
         self.view_seperator = nn.Parameter(torch.zeros(dim))
+        self.saccades = saccades
 
     # -- weights ---------------------------------------------------------------------------
     def load_checkpoint(self, path, strict: bool = True):
@@ -46,9 +51,9 @@ class DeepEncoder(nn.Module):
         return load_checkpoint(self, path, strict=strict)
 
     # -- one batch of same-size views -------------------------------------------------------
-    def view_features(self, pixels: torch.Tensor, stage=nvtx_stage) -> torch.Tensor:
-        """[B, 3, S, S] -> projected grid features [B, h*w, 1280] (no newlines)."""
-        sam_tokens = self.sam_model.tokens(pixels, stage)              # [B, h*w, 1024]
+    def view_features(self, pixels: torch.Tensor, stage=nvtx_stage, trunk: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, S, S] (or their SAM ``trunk`` features) -> projected grid features [B, h*w, 1280] (no newlines)."""
+        sam_tokens = self.sam_model.tokens(pixels, stage, trunk)       # [B, h*w, 1024]
         n = sam_tokens.shape[1]
         with stage("CLIP", n, n + 1):
             clip_tokens = self.vision_model.from_tokens(sam_tokens)    # [B, h*w + 1, 1024]
@@ -88,19 +93,31 @@ class DeepEncoder(nn.Module):
         feats = self.view_features(pixels)
         return torch.stack([self.layout(f) for f in feats])
 
-    def encode_views(self, views: Views, stage=nvtx_stage) -> torch.Tensor:
-        """One image's views -> its tokens in upstream's layout."""
+    def encode_views(self, views: Views, stage=nvtx_stage, query: torch.Tensor | None = None) -> torch.Tensor:
+        """One image's views -> its tokens in upstream's layout (then its saccade tokens, if any)."""
         dtype = self.projector.layers.weight.dtype
         device = self.projector.layers.weight.device
-        global_feats = self.view_features(views.global_view[None].to(device, dtype), stage)[0]
+        pixels = views.global_view[None].to(device, dtype)
+        trunk = self.sam_model.trunk(pixels, stage)
+        global_feats = self.view_features(pixels, stage, trunk)[0]
         tile_feats = None
         if views.tiles is not None:
             tile_feats = self.view_features(views.tiles.to(device, dtype), stage)
-        return self.layout(global_feats, tile_feats, views.grid)
+        tokens = self.layout(global_feats, tile_feats, views.grid)
+        if self.saccades is None:
+            return tokens
+        side = trunk.shape[1]
+        with stage("saccades", side * side, self.saccades.budget(side)):
+            extra, _, _ = self.saccades(trunk, query=None if query is None else query.reshape(1, -1))
+        return torch.cat([tokens, extra.to(tokens.dtype)])
 
     @torch.no_grad()
-    def encode(self, images, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS) -> list[torch.Tensor]:
-        """PIL images or paths (one or a list) -> one ``[n_tokens, 1280]`` tensor per image."""
+    def encode(self, images, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS,
+               query: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """PIL images or paths (one or a list) -> one ``[n_tokens, 1280]`` tensor per image.
+
+        ``query``: a query embedding for a query-aware :class:`SaccadeSelector` (ignored without one).
+        """
         if not isinstance(images, (list, tuple)):
             images = [images]
-        return [self.encode_views(preprocess(img, mode, max_crops)) for img in images]
+        return [self.encode_views(preprocess(img, mode, max_crops), query=query) for img in images]

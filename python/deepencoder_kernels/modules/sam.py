@@ -134,8 +134,8 @@ class SamEncoder(nn.Module):
         return ops.compress(x, n0.weight, n1.weight, n1.bias, n2.weight, n3.weight, n3.bias,
                             self.net_2.weight, self.net_3.weight, n1.eps)
 
-    def tokens(self, pixels, stage=nvtx_stage):
-        """pixels [B, 3, S, S] -> tokens [B, (S/64)^2, 1024]; ``stage`` wraps each stage's work."""
+    def trunk(self, pixels, stage=nvtx_stage):
+        """pixels [B, 3, S, S] -> trunk features [B, S/16, S/16, 768]; ``stage`` wraps each stage's work."""
         side = pixels.shape[-1] // cfg.SAM_PATCH
         n = side * side
         with stage("patch embed", pixels.shape[-1] * pixels.shape[-2], n):
@@ -143,6 +143,12 @@ class SamEncoder(nn.Module):
         for blk in self.blocks:
             with stage("windowed blocks" if blk.window_size else "global blocks", n, n):
                 x = blk(x)
+        return x
+
+    def tokens(self, pixels, stage=nvtx_stage, trunk: torch.Tensor | None = None):
+        """pixels [B, 3, S, S] (or their ``trunk`` features) -> tokens [B, (S/64)^2, 1024]."""
+        x = self.trunk(pixels, stage) if trunk is None else trunk
+        n = x.shape[1] * x.shape[2]
         with stage("neck+compressor", n, n // 16):
             return self.compress(x)
 
