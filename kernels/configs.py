@@ -26,3 +26,19 @@ def rel_pos_attention_config(window_size: int, seq_h: int, seq_w: int) -> tuple[
     cfg["LP_H"] = max(16, next_pow2(2 * seq_h - 1))
     cfg["LP_W"] = max(16, next_pow2(2 * seq_w - 1))
     return name, cfg
+
+
+# Packed varlen attention. Without a bias (CLIP: 65..401 tokens, d = 64) the q tile is 64 rows so
+# short sequences still fill the GPU; with SAM's rel-pos bias the on-chip q.R tables set the size
+# as in the SAM kernel's global config.
+VARLEN_ATTENTION = {
+    "plain": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "rel_pos": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+
+def varlen_attention_config(has_bias: bool, max_side_h: int, max_side_w: int) -> dict:
+    cfg = dict(VARLEN_ATTENTION["rel_pos" if has_bias else "plain"])
+    cfg["LP_H"] = max(16, next_pow2(2 * max_side_h - 1))
+    cfg["LP_W"] = max(16, next_pow2(2 * max_side_w - 1))
+    return cfg

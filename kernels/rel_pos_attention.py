@@ -8,7 +8,8 @@ the qkv bias (``pad_ptr``) and they stay unmasked as keys; their outputs are nev
 
 The rel-pos bias is never materialised: per q tile, ``qR = q @ table^T`` ([BLOCK_M, LP], fp32, on
 chip) holds q against every table row; each key tile gathers ``bias[i, j] = qRh[i, y_i - y_j + S_h - 1]
-+ qRw[i, x_i - x_j + S_w - 1]``. Softmax is online in fp32 with exp2.
++ qRw[i, x_i - x_j + S_w - 1]``. Softmax is online in fp32 with exp2. Those three steps live in
+``attention_core`` and are shared with the varlen kernel.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_core import online_softmax_step, q_rel_pos_tables, rel_pos_bias_tile
 from .configs import rel_pos_attention_config
 
-LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
@@ -81,13 +82,9 @@ def _rel_pos_attention_fwd_kernel(
     if UPCAST_DOT:
         q = q.to(tl.float32)
 
-    # ---- q against every rel-pos table row, kept on chip (unscaled q, as upstream) --------------
-    rows_h = tl.arange(0, LP_H)
-    table_h = tl.load(table_h_ptr + rows_h[:, None] * HEAD_DIM + d[None, :], mask=(rows_h < 2 * SEQ_H - 1)[:, None], other=0.0)
-    q_rh = tl.dot(q, tl.trans(table_h.to(q.dtype)), input_precision=precision)          # [BLOCK_M, LP_H] fp32
-    rows_w = tl.arange(0, LP_W)
-    table_w = tl.load(table_w_ptr + rows_w[:, None] * HEAD_DIM + d[None, :], mask=(rows_w < 2 * SEQ_W - 1)[:, None], other=0.0)
-    q_rw = tl.dot(q, tl.trans(table_w.to(q.dtype)), input_precision=precision)          # [BLOCK_M, LP_W] fp32
+    # ---- q against every rel-pos table row, kept on chip ----------------------------------------
+    q_rh, q_rw = q_rel_pos_tables(q, table_h_ptr, table_w_ptr, 2 * SEQ_H - 1, 2 * SEQ_W - 1, d,
+                                  HEAD_DIM, LP_H, LP_W, precision)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -107,23 +104,8 @@ def _rel_pos_attention_fwd_kernel(
             is_pad = (in_seq_n & ~real_n)[:, None]
             k = tl.where(is_pad, pad_k[None, :], k)
             v = tl.where(is_pad, pad_v[None, :], v)
-
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=precision)              # [BLOCK_M, BLOCK_N] fp32
-        # dead key columns index row 0 of the on-chip tables; they are masked to -inf below
-        idx_h = tl.where(in_seq_n[None, :], ty[:, None] - ky[None, :] + SEQ_H - 1, 0)
-        idx_w = tl.where(in_seq_n[None, :], tx[:, None] - kx[None, :] + SEQ_W - 1, 0)
-        idx_h = tl.minimum(tl.maximum(idx_h, 0), LP_H - 1)                  # dead q rows stay in range
-        idx_w = tl.minimum(tl.maximum(idx_w, 0), LP_W - 1)
-        bias = tl.gather(q_rh, idx_h, 1) + tl.gather(q_rw, idx_w, 1)
-        s = qk * qk_scale + bias * 1.4426950408889634
-        s = tl.where(in_seq_n[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=precision)
-        m_i = m_new
+        bias = rel_pos_bias_tile(q_rh, q_rw, ty, tx, ky, kx, in_seq_n, SEQ_H, SEQ_W, LP_H, LP_W)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, bias, in_seq_n, qk_scale, True, precision)
 
     out = acc / l_i[:, None]
     out_img = out_ptr + b.to(tl.int64) * stride_ob + head * HEAD_DIM

@@ -8,7 +8,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_int, check_shape, check_tensor, impl_of, run
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_int, check_shape, check_tensor, impl_of,
+                      run, triton_backends)
 
 OP = "varlen_attention"
 
@@ -107,3 +108,53 @@ def _flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen, *args, **kwar
 
 
 dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
+
+
+# ---- fused Triton backend --------------------------------------------------------------------
+
+_packed_tables: dict = {}
+
+
+def packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw):
+    """Per-sequence rel-pos tables for the kernel: each distinct side's table resized once to
+    ``2 side - 1`` rows (the reference's interpolation), all concatenated per axis, and each
+    sequence's first row. Reads ``grid_hw`` to the host (the bias path only); cached per
+    (parameter version, grids)."""
+    grids = [tuple(g) for g in grid_hw.tolist()]
+    key = (rel_pos_h.data_ptr(), rel_pos_h._version, rel_pos_w.data_ptr(), rel_pos_w._version, rel_pos_h.dtype,
+           str(grid_hw.device), tuple(grids))
+    if key not in _packed_tables:
+        if len(_packed_tables) > 16:
+            _packed_tables.clear()
+        first_rows, tables = [], []
+        for axis, table in enumerate((rel_pos_h, rel_pos_w)):
+            rows, parts, offset = {}, [], 0
+            for side in sorted({g[axis] for g in grids}):
+                rows[side] = offset
+                parts.append(reference.resize_rel_pos(table, 2 * side - 1))
+                offset += 2 * side - 1
+            first_rows.append([rows[g[axis]] for g in grids])
+            tables.append(torch.cat(parts))
+        table_rows = torch.tensor(list(zip(*first_rows)), dtype=torch.int32, device=grid_hw.device).view(-1, 2)
+        _packed_tables[key] = (grid_hw, tables[0], tables[1], table_rows,
+                               max(h for h, _ in grids), max(w for _, w in grids))
+    return _packed_tables[key]
+
+
+def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, interpret: bool):
+    from deepencoder_kernels.kernels.varlen_attention import varlen_attention_fwd
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    tables = packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw) if rel_pos_h is not None and grid_hw.shape[0] else None
+    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, tables, interpret=interpret)
+
+
+def _fused_accepts(q, *rest):
+    from .rel_pos_attention import FUSED_HEAD_DIMS
+
+    d = q.shape[-1]
+    return None if d in FUSED_HEAD_DIMS else f"head_dim {d} not in {FUSED_HEAD_DIMS}"
+
+
+triton_backends(OP, _fused, _fused_accepts)

@@ -1,0 +1,48 @@
+"""The pieces every attention kernel here shares (inlined by Triton at each call site):
+q against the SAM rel-pos tables kept on chip, the bias gather for one key tile, and one step of
+the fp32 online softmax."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def q_rel_pos_tables(q, table_h_ptr, table_w_ptr, rows_h_valid, rows_w_valid, d,
+                     HEAD_DIM: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr, PRECISION: tl.constexpr):
+    """``q @ table^T`` for both tables ([BLOCK_M, LP_*] fp32, unscaled q as upstream); table rows
+    at or past ``rows_*_valid`` read as 0."""
+    rows_h = tl.arange(0, LP_H)
+    table_h = tl.load(table_h_ptr + rows_h[:, None] * HEAD_DIM + d[None, :], mask=(rows_h < rows_h_valid)[:, None], other=0.0)
+    q_rh = tl.dot(q, tl.trans(table_h.to(q.dtype)), input_precision=PRECISION)
+    rows_w = tl.arange(0, LP_W)
+    table_w = tl.load(table_w_ptr + rows_w[:, None] * HEAD_DIM + d[None, :], mask=(rows_w < rows_w_valid)[:, None], other=0.0)
+    q_rw = tl.dot(q, tl.trans(table_w.to(q.dtype)), input_precision=PRECISION)
+    return q_rh, q_rw
+
+
+@triton.jit
+def rel_pos_bias_tile(q_rh, q_rw, qy, qx, ky, kx, valid_n, seq_h, seq_w, LP_H: tl.constexpr, LP_W: tl.constexpr):
+    """``bias[i, j] = qRh[i, y_i - y_j + seq_h - 1] + qRw[i, x_i - x_j + seq_w - 1]`` for one key
+    tile, gathered from the on-chip tables. Dead columns/rows index in range; the caller masks them."""
+    idx_h = tl.where(valid_n[None, :], qy[:, None] - ky[None, :] + seq_h - 1, 0)
+    idx_w = tl.where(valid_n[None, :], qx[:, None] - kx[None, :] + seq_w - 1, 0)
+    idx_h = tl.minimum(tl.maximum(idx_h, 0), LP_H - 1)
+    idx_w = tl.minimum(tl.maximum(idx_w, 0), LP_W - 1)
+    return tl.gather(q_rh, idx_h, 1) + tl.gather(q_rw, idx_w, 1)
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid_n, qk_scale,
+                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one key tile into (acc, running max, running sum); scores in log2 units, fp32."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        s = s + bias * 1.4426950408889634  # LOG2E: the bias is added after scaling, in natural units
+    s = tl.where(valid_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    return acc, m_new, l_i

@@ -1,0 +1,116 @@
+"""Attention over packed variable-length sequences (forward), optionally with SAM's decomposed
+rel-pos bias per sequence.
+
+One program = one (q tile, sequence, head). The launch grid is ``(cdiv(max_seqlen, BLOCK_M),
+num_seqs * heads)``: it needs ``max_seqlen`` (a host int the caller already has), never the
+lengths, so there is no device sync and no recompilation when the lengths change; q tiles past a
+sequence's end exit at once. q/k/v are read through strides, so they can be views of a packed qkv
+projection (``[total, 3, heads, d]``) with no copy.
+
+With a bias, each sequence carries its grid ``h x w`` (row-major tokens) and the row offsets of its
+resized tables inside one concatenated table per axis; the bias itself is built tile by tile on
+chip from ``q @ table^T`` (``attention_core``), as in the SAM kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_core import online_softmax_step, q_rel_pos_tables, rel_pos_bias_tile
+from .configs import varlen_attention_config
+
+
+@triton.jit
+def _varlen_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr,
+    grid_hw_ptr, tables_h_ptr, tables_w_ptr, table_rows_ptr,   # used only when HAS_BIAS
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    num_heads, sm_scale,
+    HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE_DOT: tl.constexpr,     # fp32 dot operands: full precision instead of tf32
+    UPCAST_DOT: tl.constexpr,   # dot in fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_sh = tl.program_id(1)
+    seq = pid_sh // num_heads
+    head = pid_sh % num_heads
+    start = tl.load(cu_seqlens_ptr + seq)
+    n = tl.load(cu_seqlens_ptr + seq + 1) - start
+    if pid_m * BLOCK_M >= n:
+        return
+    precision: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
+    d = tl.arange(0, HEAD_DIM)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid_m = offs_m < n
+    rows_m = (start + offs_m).to(tl.int64)   # packed rows can pass 2^31 elements in big batches
+    q = tl.load(q_ptr + rows_m[:, None] * stride_qt + head * stride_qh + d[None, :], mask=valid_m[:, None], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    if HAS_BIAS:
+        seq_h = tl.load(grid_hw_ptr + 2 * seq)
+        seq_w = tl.load(grid_hw_ptr + 2 * seq + 1)
+        first_h = tl.load(table_rows_ptr + 2 * seq).to(tl.int64)
+        first_w = tl.load(table_rows_ptr + 2 * seq + 1).to(tl.int64)
+        qy = offs_m // seq_w
+        qx = offs_m % seq_w
+        q_rh, q_rw = q_rel_pos_tables(q, tables_h_ptr + first_h * HEAD_DIM, tables_w_ptr + first_w * HEAD_DIM,
+                                      2 * seq_h - 1, 2 * seq_w - 1, d, HEAD_DIM, LP_H, LP_W, precision)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634   # LOG2E
+    for start_n in range(0, n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < n
+        rows_n = (start + offs_n).to(tl.int64)
+        k = tl.load(k_ptr + rows_n[:, None] * stride_kt + head * stride_kh + d[None, :], mask=valid_n[:, None], other=0.0)
+        v = tl.load(v_ptr + rows_n[:, None] * stride_vt + head * stride_vh + d[None, :], mask=valid_n[:, None], other=0.0)
+        if HAS_BIAS:
+            bias = rel_pos_bias_tile(q_rh, q_rw, qy, qx, offs_n // seq_w, offs_n % seq_w, valid_n, seq_h, seq_w, LP_H, LP_W)
+        else:
+            bias = 0.0
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid_n, qk_scale, HAS_BIAS, precision)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + rows_m[:, None] * stride_ot + head * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=valid_m[:, None])
+
+
+def kernel_for(interpret: bool):
+    from ._runtime import check_mode
+
+    return check_mode(_varlen_attention_fwd_kernel, interpret)
+
+
+def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, bias_tables=None, interpret: bool = False):
+    """Launch on validated inputs. ``bias_tables``: None, or ``(grid_hw int32 [S, 2], tables_h,
+    tables_w, table_rows int32 [S, 2], max_side_h, max_side_w)`` from the ops layer."""
+    total, heads, head_dim = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    num_seqs = cu_seqlens.shape[0] - 1
+    has_bias = bias_tables is not None
+    max_h, max_w = (bias_tables[4], bias_tables[5]) if has_bias else (1, 1)
+    cfg = varlen_attention_config(has_bias, max_h, max_w)
+    if total == 0 or max_seqlen == 0 or num_seqs == 0:
+        return out
+    if has_bias:
+        grid_hw, tables_h, tables_w, table_rows = (t.contiguous() for t in bias_tables[:4])
+        tables_h, tables_w = tables_h.to(q.dtype), tables_w.to(q.dtype)
+    else:
+        grid_hw = tables_h = tables_w = table_rows = cu_seqlens  # never read
+    upcast = interpret and q.dtype == torch.bfloat16  # exact: bf16 products fit fp32
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), num_seqs * heads)
+    kernel_for(interpret)[grid](
+        q, k, v, out, cu_seqlens, grid_hw, tables_h, tables_w, table_rows,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        heads, scale,
+        HEAD_DIM=head_dim, HAS_BIAS=has_bias, IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST_DOT=upcast,
+        **cfg,
+    )
+    return out
