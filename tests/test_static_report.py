@@ -29,10 +29,7 @@ def test_gate_catches_a_spilling_config():
     code = """
 from deepencoder_kernels import static_report as sr
 from deepencoder_kernels.kernels.rel_pos_attention import _rel_pos_attention_fwd_kernel as k
-sig = {n: '*bf16' for n in ['qkv_ptr', 'pad_ptr', 'table_h_ptr', 'table_w_ptr', 'out_ptr']}
-sig.update({n: 'i32' for n in ['stride_qb', 'stride_qh', 'stride_qw', 'stride_ob', 'stride_oh', 'stride_ow',
-            'H', 'W', 'SEQ_H', 'SEQ_W', 'windows_w', 'windows_per_image', 'num_heads']})
-sig['sm_scale'] = 'fp32'
+sig = sr.rel_pos_attention_signature('bf16')
 ce = dict(C=768, HEAD_DIM=64, WINDOWED=False, HAS_PAD=False, IEEE_DOT=False, UPCAST_DOT=False, BLOCK_M=128, BLOCK_N=64, LP_H=128, LP_W=128)
 sig.update({c: 'constexpr' for c in ce})
 row = sr.Row('rel_pos_attention', 'base/global', 'oversized', 'sm_90a', 'bf16', **sr.compile_figures(k, sig, ce, 'sm_90a', 8, 2))

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from . import config as cfg
 
 TARGETS = {"sm_80": 80, "sm_90a": 90}
+MODE_SIZES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}   # max dynamic shared memory per block
 TENSOR_CORE_OPS = {"sm_80": ("HMMA",), "sm_90a": ("HMMA", "HGMMA")}
 DTYPES = {"bf16": "bf16", "fp16": "fp16"}
@@ -83,40 +84,71 @@ def compile_figures(fn, signature: dict, constexprs: dict, target: str, num_warp
 
 
 def rel_pos_attention_cases():
-    """(case, config name, config) for the windowed and global blocks of each mode's grid."""
+    """(case, config name, constexprs, num_warps, num_stages) for the windowed and global blocks of each mode's grid."""
     from deepencoder_kernels.kernels.configs import rel_pos_attention_config
 
-    seen_modes = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
-    for mode, size in seen_modes.items():
+    for mode, size in MODE_SIZES.items():
         g = cfg.sam_grid(size)
         for block, window in (("windowed", cfg.SAM_WINDOW), ("global", 0)):
             side = window or g
             name, conf = rel_pos_attention_config(window, side, side)
-            yield f"{mode}/{block}", name, conf, window
+            conf = dict(conf)
+            launch = conf.pop("num_warps"), conf.pop("num_stages")
+            constexprs = dict(C=cfg.SAM_DIM, HEAD_DIM=cfg.HEAD_DIM, WINDOWED=window > 0, HAS_PAD=window > 0,
+                              IEEE_DOT=False, UPCAST_DOT=False, **conf)
+            yield f"{mode}/{block}", name, constexprs, *launch
 
 
-def rel_pos_attention_rows(targets=TARGETS, dtypes=DTYPES):
-    from deepencoder_kernels.kernels.rel_pos_attention import _rel_pos_attention_fwd_kernel as kernel
+def rel_pos_attention_signature(dtype: str) -> dict:
+    p = "*" + dtype
+    sig = {name: p for name in ("qkv_ptr", "pad_ptr", "table_h_ptr", "table_w_ptr", "out_ptr")}
+    sig.update({name: "i32" for name in ("stride_qb", "stride_qh", "stride_qw", "stride_ob", "stride_oh", "stride_ow",
+                                         "H", "W", "SEQ_H", "SEQ_W", "windows_w", "windows_per_image", "num_heads")})
+    sig["sm_scale"] = "fp32"
+    return sig
 
+
+def varlen_attention_cases():
+    """CLIP over packed views (no bias, d = 64) and SAM global blocks of packed views with rel-pos,
+    the tables sized for the largest grid in the batch (Base 64, Large 80)."""
+    from deepencoder_kernels.kernels.configs import varlen_attention_config
+
+    cases = [("clip/packed", "plain", False, 1), ("sam-global/packed<=base", "rel_pos", True, cfg.sam_grid(1024)),
+             ("sam-global/packed<=large", "rel_pos", True, cfg.sam_grid(1280))]
+    for case, name, has_bias, side in cases:
+        conf = varlen_attention_config(has_bias, side, side)
+        launch = conf.pop("num_warps"), conf.pop("num_stages")
+        yield case, name, dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False, **conf), *launch
+
+
+def varlen_attention_signature(dtype: str) -> dict:
+    p = "*" + dtype
+    sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "cu_seqlens_ptr": "*i32", "grid_hw_ptr": "*i32",
+           "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": "*i32"}
+    sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                                         "stride_ot", "stride_oh", "num_heads")})
+    sig["sm_scale"] = "fp32"
+    return sig
+
+
+def kernel_specs():
+    """(report name, kernel, cases, signature for a dtype) of every shipped Triton kernel."""
+    from deepencoder_kernels.kernels.rel_pos_attention import _rel_pos_attention_fwd_kernel
+    from deepencoder_kernels.kernels.varlen_attention import _varlen_attention_fwd_kernel
+
+    return [
+        ("rel_pos_attention", _rel_pos_attention_fwd_kernel, rel_pos_attention_cases, rel_pos_attention_signature),
+        ("varlen_attention", _varlen_attention_fwd_kernel, varlen_attention_cases, varlen_attention_signature),
+    ]
+
+
+def kernel_rows(name, kernel, cases, signature_of, targets=TARGETS, dtypes=DTYPES):
     cache: dict = {}
-    for case, name, conf, window in rel_pos_attention_cases():
-        conf = dict(conf)
-        num_warps, num_stages = conf.pop("num_warps"), conf.pop("num_stages")
+    for case, config_name, constexprs, num_warps, num_stages in cases():
         for target in targets:
             for dtype in dtypes:
-                row = Row("rel_pos_attention", case, name, target, dtype)
-                p = "*" + dtype
-                signature = {
-                    "qkv_ptr": p, "pad_ptr": p, "table_h_ptr": p, "table_w_ptr": p, "out_ptr": p,
-                    "stride_qb": "i32", "stride_qh": "i32", "stride_qw": "i32",
-                    "stride_ob": "i32", "stride_oh": "i32", "stride_ow": "i32",
-                    "H": "i32", "W": "i32", "SEQ_H": "i32", "SEQ_W": "i32",
-                    "windows_w": "i32", "windows_per_image": "i32", "num_heads": "i32", "sm_scale": "fp32",
-                }
-                constexprs = dict(C=cfg.SAM_DIM, HEAD_DIM=cfg.HEAD_DIM, WINDOWED=window > 0, HAS_PAD=window > 0,
-                                  IEEE_DOT=False, UPCAST_DOT=False, **conf)
-                for c in constexprs:
-                    signature[c] = "constexpr"
+                row = Row(name, case, config_name, target, dtype)
+                signature = {**signature_of(dtype), **{c: "constexpr" for c in constexprs}}
                 key = (target, dtype, tuple(sorted(constexprs.items())), num_warps, num_stages)
                 try:
                     if key not in cache:
@@ -133,7 +165,7 @@ def build_report() -> list[Row]:
 
     if triton_interpret_mode():
         raise RuntimeError("the static report needs compiled kernels: unset TRITON_INTERPRET")
-    return list(rel_pos_attention_rows())
+    return [row for spec in kernel_specs() for row in kernel_rows(*spec)]
 
 
 def problems(rows: list[Row], baseline: dict | None) -> list[str]:
@@ -168,10 +200,10 @@ def to_json(rows: list[Row]) -> dict:
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'kernel':<18}{'case':<16}{'config':<14}{'target':<8}{'dtype':<6}{'regs':>5}{'spill B':>8}{'smem B':>8}{'TC instr':>9}"]
+    lines = [f"{'kernel':<18}{'case':<26}{'config':<14}{'target':<8}{'dtype':<6}{'regs':>5}{'spill B':>8}{'smem B':>8}{'TC instr':>9}"]
     for r in rows:
         tail = f"  ERROR {r.error}" if r.error else ""
-        lines.append(f"{r.kernel:<18}{r.case:<16}{r.config:<14}{r.target:<8}{r.dtype:<6}{r.registers:>5}"
+        lines.append(f"{r.kernel:<18}{r.case:<26}{r.config:<14}{r.target:<8}{r.dtype:<6}{r.registers:>5}"
                      f"{r.spill_bytes:>8}{r.shared_bytes:>8}{r.tensor_core_instructions:>9}{tail}")
     return "\n".join(lines)
 
