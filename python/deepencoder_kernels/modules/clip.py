@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .. import config as cfg
 from .. import ops
+from .packing import Packing
 from .sam import resize_abs_pos
 
 
@@ -110,6 +111,15 @@ class ClipVisionModel(nn.Module):
     def from_tokens(self, tokens):
         """SAM tokens [B, h*w, C] -> [B, h*w + 1, C]."""
         return self.transformer(self.pre_layrnorm(self.embeddings(tokens)))
+
+    def from_token_groups(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Grids of several sizes at once (``groups[g]``: [B_g, n_g, C]): one packed pass through
+        the transformer, every view its own sequence of n_g + 1 tokens. Returns [B_g, n_g + 1, C] each."""
+        embedded = [self.pre_layrnorm(self.embeddings(t)) for t in groups]
+        packing = Packing.of_lengths([e.shape[1] for e in embedded for _ in range(e.shape[0])], groups[0].device)
+        packed = self.transformer(torch.cat([e.reshape(-1, e.shape[-1]) for e in embedded]), packing.cu_seqlens,
+                                  packing.max_seqlen)
+        return [part.view(e.shape) for part, e in zip(packed.split([e.shape[0] * e.shape[1] for e in embedded]), embedded)]
 
     def forward(self, pixels, sam_features):
         """Upstream's call contract: ``pixels`` is unused (the patch embedding is replaced)."""

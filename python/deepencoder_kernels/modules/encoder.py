@@ -106,10 +106,63 @@ class DeepEncoder(nn.Module):
         tokens = self.layout(global_feats, tile_feats, views.grid)
         if self.saccades is None:
             return tokens
+        return torch.cat([tokens, self._saccade_tokens(trunk, query, stage).to(tokens.dtype)])
+
+    def encode_views_packed(self, batch: list[Views], stage=nvtx_stage, query: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Many images' views (any mix of modes, Gundam tiles included) as one batch: views grouped
+        by size through SAM (global blocks packed across all sizes), every compressed grid packed
+        into one token stream for CLIP, then the projector. Returns each image's tokens as
+        :meth:`encode_views` gives them."""
+        dtype = self.projector.layers.weight.dtype
+        device = self.projector.layers.weight.device
+        groups: dict[int, list[tuple[int, int, torch.Tensor]]] = {}   # side -> (image, tile or -1, pixels)
+        for i, views in enumerate(batch):
+            groups.setdefault(views.global_view.shape[-1], []).append((i, -1, views.global_view))
+            for t, tile in enumerate(views.tiles if views.tiles is not None else ()):
+                groups.setdefault(tile.shape[-1], []).append((i, t, tile))
+        members = [groups[side] for side in sorted(groups)]
+        pixels = [torch.stack([p for _, _, p in group]).to(device, dtype) for group in members]
+        trunks = self.sam_model.trunk_groups(pixels, stage)
+        sam_tokens = [self.sam_model.tokens(None, stage, trunk) for trunk in trunks]    # [B_g, n_g, 1024]
+        n = sum(t.shape[0] * t.shape[1] for t in sam_tokens)
+        with stage("CLIP", n, n + len(batch)):
+            clip_tokens = self.vision_model.from_token_groups(sam_tokens)
+        with stage("projector", n, n):
+            feats = [self.projector(torch.cat([c[:, 1:], s], dim=-1)) for c, s in zip(clip_tokens, sam_tokens)]
+        global_feats: dict[int, torch.Tensor] = {}
+        tile_feats: dict[int, dict[int, torch.Tensor]] = {}
+        global_trunks: dict[int, torch.Tensor] = {}
+        for group, grid_feats, trunk in zip(members, feats, trunks):
+            for (i, t, _), f, tr in zip(group, grid_feats, trunk):
+                if t < 0:
+                    global_feats[i], global_trunks[i] = f, tr
+                else:
+                    tile_feats.setdefault(i, {})[t] = f
+        out = []
+        for i, views in enumerate(batch):
+            tiles = torch.stack([tile_feats[i][t] for t in sorted(tile_feats[i])]) if i in tile_feats else None
+            tokens = self.layout(global_feats[i], tiles, views.grid)
+            if self.saccades is not None:
+                tokens = torch.cat([tokens, self._saccade_tokens(global_trunks[i][None], query, stage).to(tokens.dtype)])
+            out.append(tokens)
+        return out
+
+    def _saccade_tokens(self, trunk: torch.Tensor, query: torch.Tensor | None, stage) -> torch.Tensor:
         side = trunk.shape[1]
         with stage("saccades", side * side, self.saccades.budget(side)):
             extra, _, _ = self.saccades(trunk, query=None if query is None else query.reshape(1, -1))
-        return torch.cat([tokens, extra.to(tokens.dtype)])
+        return extra
+
+    @torch.no_grad()
+    def encode_batch(self, images, modes, max_crops: int = cfg.GUNDAM_MAX_CROPS,
+                     query: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Images with a mode each (``modes``: one per image, or one for all), encoded as one packed
+        batch (:meth:`encode_views_packed`); same tokens as :meth:`encode` image by image."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        modes = [modes] * len(images) if isinstance(modes, str) else list(modes)
+        if len(modes) != len(images):
+            raise ValueError(f"modes must be one mode or one per image: got {len(modes)} modes for {len(images)} images")
+        return self.encode_views_packed([preprocess(img, m, max_crops) for img, m in zip(images, modes)], query=query)
 
     @torch.no_grad()
     def encode(self, images, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .. import config as cfg
 from .. import ops
+from .packing import Packing
 from ..reference import layer_norm_2d
 from ..stages import nvtx_stage
 
@@ -53,12 +54,20 @@ class RelPosAttention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, dim // num_heads))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, dim // num_heads))
 
-    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window_size: int = 0, packing: Packing | None = None) -> torch.Tensor:
+        """x [B, H, W, C]; or packed grids [total, C] with ``packing`` (global attention per grid)."""
         # qkv runs on the real tokens only: upstream's zero-padded tokens come out of the qkv
         # Linear as exactly its bias, which the op takes as ``pad_kv``.
         qkv = self.qkv(x)
-        out = ops.rel_pos_attention(qkv, self.rel_pos_h, self.rel_pos_w, self.num_heads, window_size, self.qkv.bias)
-        return self.proj(out)
+        if packing is None:
+            out = ops.rel_pos_attention(qkv, self.rel_pos_h, self.rel_pos_w, self.num_heads, window_size, self.qkv.bias)
+            return self.proj(out)
+        if window_size:
+            raise ValueError("packed grids run global attention only (window_size must be 0)")
+        q, k, v = qkv.view(x.shape[0], 3, self.num_heads, -1).unbind(1)
+        out = ops.varlen_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen, rel_pos_h=self.rel_pos_h,
+                                   rel_pos_w=self.rel_pos_w, grid_hw=packing.grid_hw, check_values=False)
+        return self.proj(out.reshape(x.shape))
 
 
 class MLPBlock(nn.Module):
@@ -80,8 +89,9 @@ class SamBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=cfg.SAM_LN_EPS)
         self.mlp = MLPBlock(dim, cfg.SAM_MLP_DIM if dim == cfg.SAM_DIM else 4 * dim)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x), self.window_size)
+    def forward(self, x, packing: Packing | None = None):
+        """x [B, H, W, C], or packed grids [total, C] with ``packing`` (global blocks)."""
+        x = x + self.attn(self.norm1(x), self.window_size, packing)
         return x + self.mlp(self.norm2(x))
 
 
@@ -144,6 +154,28 @@ class SamEncoder(nn.Module):
             with stage("windowed blocks" if blk.window_size else "global blocks", n, n):
                 x = blk(x)
         return x
+
+    def trunk_groups(self, pixel_groups: list[torch.Tensor], stage=nvtx_stage) -> list[torch.Tensor]:
+        """Views of several sizes at once: ``pixel_groups[g]`` is [B_g, 3, S_g, S_g]. Windowed blocks
+        run per group (same-size views batch as they are); each global block runs once over every
+        view's grid, packed, through the varlen attention with per-grid rel-pos. Returns the trunk
+        features per group, as :meth:`trunk` would give for each group alone."""
+        xs = []
+        for pixels in pixel_groups:
+            with stage("patch embed", pixels.shape[-1] * pixels.shape[-2], (pixels.shape[-1] // cfg.SAM_PATCH) ** 2):
+                xs.append(self.embed(pixels))
+        grids = [(x.shape[1], x.shape[2]) for x in xs for _ in range(x.shape[0])]
+        packing = Packing.of_grids(grids, xs[0].device)
+        n = sum(h * w for h, w in grids)
+        for blk in self.blocks:
+            if blk.window_size:
+                with stage("windowed blocks", n, n):
+                    xs = [blk(x) for x in xs]
+                continue
+            with stage("global blocks", n, n):
+                packed = blk(torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]), packing)
+                xs = [part.view(x.shape) for part, x in zip(packed.split([x[..., 0].numel() for x in xs]), xs)]
+        return xs
 
     def tokens(self, pixels, stage=nvtx_stage, trunk: torch.Tensor | None = None):
         """pixels [B, 3, S, S] (or their ``trunk`` features) -> tokens [B, (S/64)^2, 1024]."""
