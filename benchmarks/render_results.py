@@ -58,6 +58,20 @@ def saccade_section(path: Path) -> list[str]:
     return out + table("N|C>|k>|batch>|op us>|topk+gather us>|speed-up>|op, per-image k us>|per-image topk loop us>|speed-up>", rows)
 
 
+def packing_section(path: Path) -> list[str]:
+    m = json.loads(path.read_text())
+    out = [f"**Packing a mixed batch** (8 Tiny + 8 Small + 8 Base + 4 Large + 2 Gundam 3x2 pages = 42 views; "
+           f"counted from the preprocessed views' shapes, {m['date']}): `cd benchmarks && python bench_packed.py`. "
+           "Padded = every sequence padded to the batch's longest, as one padded SDPA call runs it; "
+           "score bytes = the bf16 score matrices a dense (mask-materialising) attention would hold.", ""]
+    rows = [[r["stage"], r["sequences"], r["packed_tokens"], r["padded_tokens"],
+             f"{r['packed_hidden_bytes'] / MiB:.1f}", f"{r['padded_hidden_bytes'] / MiB:.1f}",
+             f"{r['packed_score_bytes'] / MiB:.0f}", f"{r['padded_score_bytes'] / MiB:.0f}",
+             f"{r['packed_attention_flops'] / 1e9:.0f}", f"{r['padded_attention_flops'] / 1e9:.0f}"] for r in m["rows"]]
+    return out + table("stage (per block / layer)|sequences>|packed tokens>|padded tokens>|packed hidden MiB>|"
+                       "padded hidden MiB>|packed score MiB>|padded score MiB>|packed attn GFLOPs>|padded attn GFLOPs>", rows)
+
+
 def static_section(path: Path) -> list[str]:
     s = json.loads(path.read_text())
     out = [f"**Static kernel report** (AOT, Triton {s['triton']}, no GPU needed): "
@@ -74,6 +88,8 @@ def main() -> None:
         parts += profile_section(path) + [""]
     for path in sorted(RESULTS.glob("attention_memory_*.json")):
         parts += memory_section(path) + [""]
+    if (RESULTS / "packing.json").exists():
+        parts += packing_section(RESULTS / "packing.json") + [""]
     for path in sorted(RESULTS.glob("saccade_gather_*.json")):
         parts += saccade_section(path) + [""]
     parts += static_section(ROOT / "benchmarks" / "baselines" / "static_report.json")
