@@ -72,6 +72,22 @@ def packing_section(path: Path) -> list[str]:
                        "padded hidden MiB>|packed score MiB>|padded score MiB>|packed attn GFLOPs>|padded attn GFLOPs>", rows)
 
 
+def compress_section(path: Path) -> list[str]:
+    m = json.loads(path.read_text())
+    out = [f"**Neck + compressor, reference chain vs fused kernels** (bf16, batch 1, {m['device']}, {m['date']}): "
+           "`cd benchmarks && python bench_compress.py`. Passes and bytes: each reference aten op (each fused "
+           "launch) reading its inputs and writing its outputs once; peak / allocated: activation bytes measured "
+           "by `MemoryTracker` (the fused launcher ran in Triton's interpreter, which allocates nothing of its own).", ""]
+    rows = []
+    for r in m["rows"]:
+        ref, fused = r["reference"], r["fused"]
+        rows.append([r["mode"], f"{r['flops'] / 1e9:.2f}", ref["passes"], fused["passes"], f"{ref['bytes'] / MiB:.1f}",
+                     f"{fused['bytes'] / MiB:.1f}", f"{ref['bytes'] / fused['bytes']:.2f}x", f"{ref['peak'] / MiB:.1f}",
+                     f"{fused['peak'] / MiB:.1f}", f"{ref['allocated'] / MiB:.1f}", f"{fused['allocated'] / MiB:.1f}"])
+    return out + table("mode|GFLOPs>|reference passes>|fused passes>|reference MiB moved>|fused MiB moved>|fewer bytes>|"
+                       "reference peak MiB>|fused peak MiB>|reference allocated MiB>|fused allocated MiB>", rows)
+
+
 def static_section(path: Path) -> list[str]:
     s = json.loads(path.read_text())
     out = [f"**Static kernel report** (AOT, Triton {s['triton']}, no GPU needed): "
@@ -88,6 +104,8 @@ def main() -> None:
         parts += profile_section(path) + [""]
     for path in sorted(RESULTS.glob("attention_memory_*.json")):
         parts += memory_section(path) + [""]
+    for path in sorted(RESULTS.glob("compress_c*.json")):
+        parts += compress_section(path) + [""]
     if (RESULTS / "packing.json").exists():
         parts += packing_section(RESULTS / "packing.json") + [""]
     for path in sorted(RESULTS.glob("saccade_gather_*.json")):

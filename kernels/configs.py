@@ -42,3 +42,21 @@ def varlen_attention_config(has_bias: bool, max_side_h: int, max_side_w: int) ->
     cfg["LP_H"] = max(16, next_pow2(2 * max_side_h - 1))
     cfg["LP_W"] = max(16, next_pow2(2 * max_side_w - 1))
     return cfg
+
+
+# Neck + compressor convolutions (implicit GEMM over channels-last pixels). The LayerNorm steps
+# hold all output channels in one tile (BLOCK_N = C_out rounded up to a power of two: 256 in
+# DeepEncoder), so their pixel tiles are smaller.
+COMPRESS = {
+    "neck_1x1_ln": dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    "neck_3x3_ln": dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    "net2_3x3_s2": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3),
+    "net3_3x3_s2": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+}
+
+
+def compress_config(name: str, c_out: int) -> dict:
+    cfg = dict(COMPRESS[name])
+    if "BLOCK_N" not in cfg:  # LayerNorm step: every output channel in the tile
+        cfg["BLOCK_N"] = max(16, next_pow2(c_out))
+    return cfg

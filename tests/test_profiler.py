@@ -80,3 +80,15 @@ def test_cli_profile_rejects_unknown_mode():
 
     with pytest.raises(SystemExit):
         main(["profile", "--mode", "huge"])
+
+
+def test_traffic_counter_counts_passes_not_views():
+    from deepencoder_kernels.profiler import TrafficCounter
+
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    with TrafficCounter() as t:
+        c = a + b                 # one pass: reads 2 x 128 B, writes 128 B
+        c.t().reshape(-1)[:3]     # views only (reshape of a transpose copies: one more pass)
+        torch.empty(100)          # an allocation moves nothing
+    assert t.passes == 2
+    assert t.bytes_read == 2 * 128 + 128 and t.bytes_written == 128 + 128

@@ -35,6 +35,35 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+class TrafficCounter(TorchDispatchMode):
+    """Memory passes and bytes of the ops run under it, counting each op as one pass that reads its
+    tensor inputs and writes its outputs once (a lower bound for eager code: caches and re-reads
+    inside an op are not counted). Views and allocations move no data and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func.__name__.startswith(("empty", "zeros", "ones", "full")):
+            return out
+        if not func._schema.is_mutable:  # an op returning its input's storage (``_unsafe_view``) moves nothing
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if outs and all(t.untyped_storage().data_ptr() in inputs for t in outs):
+                return out
+        size = lambda ts: sum(t.numel() * t.element_size() for t in tree_leaves(ts) if isinstance(t, torch.Tensor))  # noqa: E731
+        read, written = size((args, kwargs)), size(out)
+        if read or written:
+            self.passes += 1
+            self.bytes_read += read
+            self.bytes_written += written
+        return out
+
+
 class MemoryTracker(TorchDispatchMode):
     """Live / peak / total bytes of the storages created by ops run under it.
 

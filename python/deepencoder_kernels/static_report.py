@@ -35,7 +35,7 @@ class Row:
     dtype: str
     registers: int = 0
     spill_bytes: int = 0  # LOCAL + STACK
-    shared_bytes: int = 0
+    shared_bytes: int = 0  # static (cubin) + dynamic (Triton's launch request)
     tensor_core_instructions: int = 0
     error: str = ""
 
@@ -77,7 +77,11 @@ def compile_figures(fn, signature: dict, constexprs: dict, target: str, num_warp
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    return cubin_figures(compiled.asm["cubin"], target)
+    figures = cubin_figures(compiled.asm["cubin"], target)
+    # the cubin declares static shared memory only; Triton's pipelines use dynamic shared memory,
+    # which it requests at launch (metadata.shared): the launch needs both
+    figures["shared_bytes"] += compiled.metadata.shared
+    return figures
 
 
 # ---- the shipped kernels and their real-shape cases ------------------------------------------
@@ -131,14 +135,39 @@ def varlen_attention_signature(dtype: str) -> dict:
     return sig
 
 
+def compress_cases():
+    """The four convs of the neck + compressor at DeepEncoder's channel counts. Grid sizes are
+    run-time arguments, so one compile per step serves every mode."""
+    from deepencoder_kernels.kernels.configs import compress_config
+
+    steps = (("neck_1x1_ln", 1, 1, 0, True, cfg.SAM_NECK_DIM), ("neck_3x3_ln", 3, 1, 1, True, cfg.SAM_NECK_DIM),
+             ("net2_3x3_s2", 3, 2, 1, False, cfg.SAM_OUT_DIM // 2), ("net3_3x3_s2", 3, 2, 1, False, cfg.SAM_OUT_DIM))
+    for name, ksize, stride, pad, has_ln, c_out in steps:
+        conf = compress_config(name, c_out)
+        launch = conf.pop("num_warps"), conf.pop("num_stages")
+        yield f"all-modes/{name}", name, dict(KSIZE=ksize, STRIDE=stride, PAD=pad, HAS_LN=has_ln, IEEE_DOT=False,
+                                               UPCAST_DOT=False, **conf), *launch
+
+
+def compress_signature(dtype: str) -> dict:
+    p = "*" + dtype
+    sig = {"x_ptr": p, "w_ptr": p, "out_ptr": p, "ln_w_ptr": p, "ln_b_ptr": p}
+    sig.update({name: "i32" for name in ("stride_xb", "stride_xh", "stride_xw", "H", "W", "Ho", "Wo", "C_in", "C_out",
+                                         "num_pixels")})
+    sig["eps"] = "fp32"
+    return sig
+
+
 def kernel_specs():
     """(report name, kernel, cases, signature for a dtype) of every shipped Triton kernel."""
+    from deepencoder_kernels.kernels.compress import _conv_nhwc_kernel
     from deepencoder_kernels.kernels.rel_pos_attention import _rel_pos_attention_fwd_kernel
     from deepencoder_kernels.kernels.varlen_attention import _varlen_attention_fwd_kernel
 
     return [
         ("rel_pos_attention", _rel_pos_attention_fwd_kernel, rel_pos_attention_cases, rel_pos_attention_signature),
         ("varlen_attention", _varlen_attention_fwd_kernel, varlen_attention_cases, varlen_attention_signature),
+        ("compress", _conv_nhwc_kernel, compress_cases, compress_signature),
     ]
 
 

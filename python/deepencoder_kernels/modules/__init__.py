@@ -2,7 +2,7 @@
 from .clip import ClipAttention, ClipVisionModel
 from .encoder import DeepEncoder, MlpProjector
 from .saccade import SaccadeSelector
-from .sam import RelPosAttention, SamBlock, SamEncoder
+from .sam import Compressor, RelPosAttention, SamBlock, SamEncoder
 
-__all__ = ["ClipAttention", "ClipVisionModel", "DeepEncoder", "MlpProjector", "RelPosAttention", "SaccadeSelector", "SamBlock",
+__all__ = ["ClipAttention", "Compressor", "ClipVisionModel", "DeepEncoder", "MlpProjector", "RelPosAttention", "SaccadeSelector", "SamBlock",
            "SamEncoder"]

@@ -95,7 +95,40 @@ class SamBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class SamEncoder(nn.Module):
+class CompressorParts:
+    """``neck`` (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d), ``net_2`` and ``net_3`` (3x3 stride-2
+    convs) with the checkpoint's names, and the op that runs them on channels-last input."""
+
+    def _build_compressor(self, dim: int, neck_dim: int, out_dim: int) -> None:
+        self.neck = nn.Sequential(
+            nn.Conv2d(dim, neck_dim, 1, bias=False),
+            LayerNorm2d(neck_dim),
+            nn.Conv2d(neck_dim, neck_dim, 3, padding=1, bias=False),
+            LayerNorm2d(neck_dim),
+        )
+        self.net_2 = nn.Conv2d(neck_dim, out_dim // 2, 3, 2, 1, bias=False)
+        self.net_3 = nn.Conv2d(out_dim // 2, out_dim, 3, 2, 1, bias=False)
+
+    def compress(self, x):
+        """Trunk output [B, H, W, C] (channels-last, as it is) -> tokens [B, h*w, 1024]."""
+        n0, n1, n2, n3 = self.neck
+        return ops.compress(x, n0.weight, n1.weight, n1.bias, n2.weight, n3.weight, n3.bias,
+                            self.net_2.weight, self.net_3.weight, n1.eps)
+
+
+class Compressor(CompressorParts, nn.Module):
+    """Drop-in neck + compressor: loads ``sam_model.neck.*``, ``sam_model.net_2.*`` and
+    ``sam_model.net_3.*`` (prefix stripped) as they are; ``forward(x [B, H, W, 768]) -> [B, h*w, 1024]``."""
+
+    def __init__(self, dim: int = cfg.SAM_DIM, neck_dim: int = cfg.SAM_NECK_DIM, out_dim: int = cfg.SAM_OUT_DIM):
+        super().__init__()
+        self._build_compressor(dim, neck_dim, out_dim)
+
+    def forward(self, x):
+        return self.compress(x)
+
+
+class SamEncoder(CompressorParts, nn.Module):
     """``sam_model``: pixels [B, 3, S, S] -> features [B, 1024, S/64, S/64] (a channels-last view).
 
     The width/depth arguments exist so tests can build small models with the same code paths.
@@ -125,24 +158,11 @@ class SamEncoder(nn.Module):
             )
             for i in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(dim, neck_dim, 1, bias=False),
-            LayerNorm2d(neck_dim),
-            nn.Conv2d(neck_dim, neck_dim, 3, padding=1, bias=False),
-            LayerNorm2d(neck_dim),
-        )
-        self.net_2 = nn.Conv2d(neck_dim, out_dim // 2, 3, 2, 1, bias=False)
-        self.net_3 = nn.Conv2d(out_dim // 2, out_dim, 3, 2, 1, bias=False)
+        self._build_compressor(dim, neck_dim, out_dim)
 
     def embed(self, pixels):
         x = self.patch_embed(pixels)
         return x + resize_abs_pos(self.pos_embed, x.shape[1])
-
-    def compress(self, x):
-        """Trunk output [B, H, W, C] -> tokens [B, h*w, 1024]."""
-        n0, n1, n2, n3 = self.neck
-        return ops.compress(x, n0.weight, n1.weight, n1.bias, n2.weight, n3.weight, n3.bias,
-                            self.net_2.weight, self.net_3.weight, n1.eps)
 
     def trunk(self, pixels, stage=nvtx_stage):
         """pixels [B, 3, S, S] -> trunk features [B, S/16, S/16, 768]; ``stage`` wraps each stage's work."""

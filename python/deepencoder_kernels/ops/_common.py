@@ -5,9 +5,11 @@ value) naming the argument, what was expected and what came.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import weakref
+from typing import Callable, Hashable, Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import dispatch
 
@@ -118,3 +120,28 @@ def impl_of(op: str, backend_name: str) -> Callable:
         if b.name == backend_name:
             return b.impl
     raise ValueError(f"{op} has no backend {backend_name!r}")
+
+
+_DERIVED = WeakIdKeyDictionary()   # first source tensor -> {extra key: (other sources, versions, value)}
+MAX_DERIVED_PER_SOURCE = 16
+
+
+def derived(sources: Sequence[torch.Tensor], extra: Hashable, make: Callable):
+    """``make()``, cached for as long as ``sources`` live unchanged: weights re-laid-out for a kernel,
+    tables resized for a grid. Entries are keyed by the source tensors themselves (held weakly, so
+    memory a freed tensor leaves to a new one can never hit a stale entry) and their in-place
+    version counters. Tensors without a version counter (made under inference_mode) are not cached."""
+    first, *others = sources
+    try:
+        versions = tuple(t._version for t in sources)
+    except RuntimeError:
+        return make()
+    entries = _DERIVED.setdefault(first, {})
+    hit = entries.get(extra)
+    if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], others)):
+        return hit[2]
+    if len(entries) >= MAX_DERIVED_PER_SOURCE:
+        entries.clear()
+    value = make()
+    entries[extra] = ([weakref.ref(t) for t in others], versions, value)
+    return value

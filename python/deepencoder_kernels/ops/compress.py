@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, impl_of, run
+from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, derived, impl_of, run, triton_backends
 
 OP = "compress"
 WEIGHT_NAMES = ("neck0_w", "neck1_w", "neck1_b", "neck2_w", "neck3_w", "neck3_b", "net2_w", "net3_w")
@@ -103,3 +103,28 @@ def _flop_formula(x_shape, neck0_shape, n1w, n1b, n2w, n3w, n3b, net2_shape, net
 
 
 dispatch.register(OP, dispatch.Backend("reference", reference.compress, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
+
+
+# ---- fused Triton backend --------------------------------------------------------------------
+
+MAX_LN_CHANNELS = 512  # the LayerNorm convs keep every output channel of a pixel tile on chip
+
+
+def kkio(weight: torch.Tensor) -> torch.Tensor:
+    """Conv weight [C_out, C_in, k, k] -> [k, k, C_in, C_out] for the kernel, once per parameter version."""
+    return derived((weight,), "kkio", lambda: weight.detach().permute(2, 3, 1, 0).contiguous())
+
+
+def _fused(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w, eps, interpret: bool):
+    from deepencoder_kernels.kernels.compress import compress_fwd
+
+    return compress_fwd(x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w), kkio(net3_w),
+                        eps, interpret=interpret)
+
+
+def _fused_accepts(x, neck0_w, *rest):
+    c = neck0_w.shape[0]
+    return None if c <= MAX_LN_CHANNELS else f"neck channels {c} > {MAX_LN_CHANNELS} (LayerNorm tile on chip)"
+
+
+triton_backends(OP, _fused, _fused_accepts)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, impl_of, run, triton_backends
+from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, derived, impl_of, run, triton_backends
 
 OP = "rel_pos_attention"
 
@@ -104,17 +104,10 @@ dispatch.register(OP, dispatch.Backend("reference", reference.rel_pos_attention,
 
 # ---- fused Triton backend --------------------------------------------------------------------
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
-_tables: dict = {}
-
-
 def sequence_tables(rel_pos_h, rel_pos_w, seq_h: int, seq_w: int):
     """The rel-pos tables resized to ``2 S - 1`` rows, once per (parameter version, grid)."""
-    key = (rel_pos_h.data_ptr(), rel_pos_h._version, rel_pos_w.data_ptr(), rel_pos_w._version, seq_h, seq_w, rel_pos_h.dtype)
-    if key not in _tables:
-        if len(_tables) > 64:
-            _tables.clear()
-        _tables[key] = (reference.resize_rel_pos(rel_pos_h, 2 * seq_h - 1), reference.resize_rel_pos(rel_pos_w, 2 * seq_w - 1))
-    return _tables[key]
+    return derived((rel_pos_h, rel_pos_w), ("sequence", seq_h, seq_w), lambda: (
+        reference.resize_rel_pos(rel_pos_h.detach(), 2 * seq_h - 1), reference.resize_rel_pos(rel_pos_w.detach(), 2 * seq_w - 1)))
 
 
 def _fused(qkv, rel_pos_h, rel_pos_w, num_heads, window_size, pad_kv, interpret: bool):

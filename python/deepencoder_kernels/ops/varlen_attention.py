@@ -8,8 +8,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_int, check_shape, check_tensor, impl_of,
-                      run, triton_backends)
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_int, check_shape, check_tensor, derived,
+                      impl_of, run, triton_backends)
 
 OP = "varlen_attention"
 
@@ -112,22 +112,16 @@ dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICE
 
 # ---- fused Triton backend --------------------------------------------------------------------
 
-_packed_tables: dict = {}
-
-
 def packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw):
     """Per-sequence rel-pos tables for the kernel: each distinct side's table resized once to
     ``2 side - 1`` rows (the reference's interpolation), all concatenated per axis, and each
     sequence's first row. Reads ``grid_hw`` to the host (the bias path only); cached per
     (parameter version, grids)."""
-    grids = [tuple(g) for g in grid_hw.tolist()]
-    key = (rel_pos_h.data_ptr(), rel_pos_h._version, rel_pos_w.data_ptr(), rel_pos_w._version, rel_pos_h.dtype,
-           str(grid_hw.device), tuple(grids))
-    if key not in _packed_tables:
-        if len(_packed_tables) > 16:
-            _packed_tables.clear()
+    grids = tuple(tuple(g) for g in grid_hw.tolist())
+
+    def make():
         first_rows, tables = [], []
-        for axis, table in enumerate((rel_pos_h, rel_pos_w)):
+        for axis, table in enumerate((rel_pos_h.detach(), rel_pos_w.detach())):
             rows, parts, offset = {}, [], 0
             for side in sorted({g[axis] for g in grids}):
                 rows[side] = offset
@@ -136,9 +130,10 @@ def packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw):
             first_rows.append([rows[g[axis]] for g in grids])
             tables.append(torch.cat(parts))
         table_rows = torch.tensor(list(zip(*first_rows)), dtype=torch.int32, device=grid_hw.device).view(-1, 2)
-        _packed_tables[key] = (grid_hw, tables[0], tables[1], table_rows,
-                               max(h for h, _ in grids), max(w for _, w in grids))
-    return _packed_tables[key]
+        grid = torch.tensor(grids, dtype=torch.int32, device=grid_hw.device).view(-1, 2)
+        return grid, tables[0], tables[1], table_rows, max(h for h, _ in grids), max(w for _, w in grids)
+
+    return derived((rel_pos_h, rel_pos_w), ("packed", str(grid_hw.device), grids), make)
 
 
 def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, interpret: bool):

@@ -1,0 +1,117 @@
+"""Neck + compressor: the reference chain (upstream's permute + convs + LayerNorm2d) vs the fused
+channels-last kernels, per mode, bf16, batch 1.
+
+Counted and measured on any machine:
+  - FLOPs (the op's formula), memory passes and bytes moved: the reference by ``TrafficCounter``
+    (each aten op reading its inputs and writing its outputs once), the fused path from the tensors
+    of its actual kernel launches (each reads its input, weights and LN parameters once, writes once);
+  - peak and total activation bytes allocated (``MemoryTracker``). Without a GPU the fused launcher
+    runs in Triton's interpreter, which allocates nothing through torch, so what is measured is
+    exactly what the launcher allocates on a GPU.
+On a CUDA machine it also times, bf16, batch 1 and 32: the PyTorch chain in NCHW, in channels-last,
+under torch.compile, and the fused kernels. Elsewhere that part is skipped, saying why.
+
+    cd benchmarks && python bench_compress.py     # writes results/compress_<device>.json
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():  # the fused launcher runs in Triton's interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import deepencoder_kernels as dk  # noqa: E402
+from deepencoder_kernels import config as cfg  # noqa: E402
+from deepencoder_kernels.kernels.compress import record_launches  # noqa: E402
+compress_op = importlib.import_module("deepencoder_kernels.ops.compress")  # the module (ops.compress is the function)
+from deepencoder_kernels.profiler import MemoryTracker, TrafficCounter  # noqa: E402
+from common import MODES, write_result  # noqa: E402
+
+
+def inputs(mode: str, batch: int = 1, dtype=torch.bfloat16, device="cpu", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    side = cfg.sam_grid(MODES[mode])
+    cin, cn, c2, c3 = cfg.SAM_DIM, cfg.SAM_NECK_DIM, cfg.SAM_OUT_DIM // 2, cfg.SAM_OUT_DIM
+    shapes = [(batch, side, side, cin), (cn, cin, 1, 1), (cn,), (cn,), (cn, cn, 3, 3), (cn,), (cn,), (c2, cn, 3, 3), (c3, c2, 3, 3)]
+    return [torch.randn(s, generator=g).mul_(0.1).to(device, dtype) for s in shapes]
+
+
+def measure_reference(args):
+    with torch.inference_mode(), TrafficCounter() as traffic:
+        dk.reference.compress(*args, eps=1e-6)
+    with torch.inference_mode(), MemoryTracker() as memory:
+        out = dk.reference.compress(*args, eps=1e-6)
+        del out
+    return dict(passes=traffic.passes, bytes=traffic.bytes_read + traffic.bytes_written, peak=memory.peak, allocated=memory.total)
+
+
+def measure_fused(args, interpret: bool):
+    compress_op._fused(*args, 1e-6, interpret=interpret)  # weight re-layout happens once per parameter: not counted
+    with torch.inference_mode(), MemoryTracker() as memory, record_launches() as launches:
+        out = compress_op._fused(*args, 1e-6, interpret=interpret)
+        del out
+    return dict(passes=len(launches), bytes=sum(l["bytes_read"] + l["bytes_written"] for l in launches),
+                peak=memory.peak, allocated=memory.total)
+
+
+def gpu_rows() -> list[dict]:
+    import torch.nn.functional as F
+    import triton.testing
+
+    rows = []
+    for mode in MODES:
+        for batch in (1, 32):
+            args = inputs(mode, batch, device="cuda")
+            x, w = args[0], args[1:]
+
+            def nchw(x=x):
+                return dk.reference.compress(x, *w, eps=1e-6)
+
+            def channels_last(x=x):
+                y = x.permute(0, 3, 1, 2)  # a channels-last NCHW view: cuDNN's NHWC kernels, no copy
+                y = dk.reference.layer_norm_2d(F.conv2d(y, w[0]), w[1], w[2], 1e-6)
+                y = dk.reference.layer_norm_2d(F.conv2d(y, w[3], padding=1), w[4], w[5], 1e-6)
+                y = F.conv2d(F.conv2d(y, w[6], stride=2, padding=1), w[7], stride=2, padding=1)
+                return y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])
+
+            compiled = torch.compile(nchw)
+
+            def fused(x=x):
+                with dk.backend("triton"):
+                    return dk.ops.compress(x, *w, eps=1e-6)
+
+            for name, fn in (("PyTorch NCHW", nchw), ("PyTorch channels-last", channels_last),
+                             ("torch.compile", compiled), ("fused (this package)", fused)):
+                ms = triton.testing.do_bench(fn, warmup=10, rep=50)
+                rows.append(dict(mode=mode, batch=batch, impl=name, ms=ms))
+                print(f"{mode:<6}{batch:>4} {name:<24}{ms:8.3f} ms")
+    return rows
+
+
+def main() -> int:
+    cuda = torch.cuda.is_available()
+    rows = []
+    print(f"{'mode':<7}{'GFLOPs':>8} | {'ref passes':>10}{'ref MiB moved':>14}{'ref peak MiB':>13} | "
+          f"{'fused passes':>12}{'fused MiB moved':>16}{'fused peak MiB':>15}")
+    for mode in MODES:
+        args = inputs(mode, device="cuda" if cuda else "cpu")
+        ref, fused = measure_reference(args), measure_fused(args, interpret=not cuda)
+        flops = compress_op.flops(args[0].shape, args[1].shape, args[7].shape, args[8].shape)
+        rows.append(dict(mode=mode, flops=flops, reference=ref, fused=fused))
+        MiB = 2**20
+        print(f"{mode:<7}{flops / 1e9:>8.2f} | {ref['passes']:>10}{ref['bytes'] / MiB:>14.1f}{ref['peak'] / MiB:>13.1f} | "
+              f"{fused['passes']:>12}{fused['bytes'] / MiB:>16.1f}{fused['peak'] / MiB:>15.1f}")
+    print("wrote", write_result(f"compress_{'cuda' if cuda else 'cpu'}", rows))
+    if not cuda:
+        print("GPU timing skipped: torch has no usable CUDA device")
+        return 0
+    print("wrote", write_result(f"compress_timing_{torch.cuda.get_device_name().replace(' ', '_')}", gpu_rows()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
