@@ -1,20 +1,29 @@
 """Activation bytes of SAM's rel-pos attention, measured per mode and block type (bf16, batch 1).
 
 The reference (upstream's dense-bias path) is measured on any machine with the profiler's
-MemoryTracker. The fused kernel is measured with the CUDA allocator when a GPU is present; on a
-CPU machine it is reported as not measured.
+MemoryTracker. The fused path is measured with the CUDA allocator when a GPU is present; on a CPU
+machine its launcher runs in Triton's interpreter under MemoryTracker (the interpreter allocates
+nothing through torch, so this is what the launcher allocates on a GPU; the kernel itself keeps
+q.R and the scores on chip). The interpreter is slow at full size: several minutes in all.
 
     python benchmarks/bench_memory.py            # writes benchmarks/results/attention_memory_<device>.json
 """
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 
 import torch
 
-import deepencoder_kernels as dk
-from deepencoder_kernels.profiler import MemoryTracker
-from common import MODES, attention_inputs, write_result
+if not torch.cuda.is_available():  # the fused launcher runs in Triton's interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import deepencoder_kernels as dk  # noqa: E402
+from deepencoder_kernels.profiler import MemoryTracker  # noqa: E402
+from common import MODES, attention_inputs, write_result  # noqa: E402
+
+attention_op = importlib.import_module("deepencoder_kernels.ops.rel_pos_attention")
 
 MiB = 2**20
 
@@ -36,6 +45,17 @@ def measure_fused_cuda(args):
     return torch.cuda.max_memory_allocated() - base, out.numel() * out.element_size()
 
 
+def measure_fused_interpreted(args):
+    qkv, th, tw, heads, window, pad = args
+    side_h, side_w = (window, window) if window else qkv.shape[1:3]
+    attention_op.sequence_tables(th, tw, side_h, side_w)  # resized once per parameter, not per call
+    with torch.inference_mode(), MemoryTracker() as t:
+        out = attention_op._fused(*args, interpret=True)
+        out_bytes = out.numel() * out.element_size()
+        del out
+    return t.peak, out_bytes
+
+
 def main() -> int:
     cuda = torch.cuda.is_available()
     rows = []
@@ -45,12 +65,13 @@ def main() -> int:
             args = attention_inputs(mode, block)
             ref_peak, ref_total = measure_reference(args)
             out_bytes = args[0].shape[0] * args[0].shape[1] * args[0].shape[2] * (args[0].shape[3] // 3) * 2
-            fused_peak = None
             if cuda:
                 fused_peak, out_bytes = measure_fused_cuda(tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+            else:
+                fused_peak, out_bytes = measure_fused_interpreted(args)
             rows.append(dict(mode=mode, block=block, reference_peak_bytes=ref_peak, reference_total_bytes=ref_total,
                              fused_peak_bytes=fused_peak, output_bytes=out_bytes))
-            fp = f"{fused_peak / MiB:>16.1f}" if fused_peak is not None else f"{'(no GPU)':>16}"
+            fp = f"{fused_peak / MiB:>16.1f}"
             print(f"{mode:<7}{block:<10}{ref_peak / MiB:>14.1f}{ref_total / MiB:>15.1f}{fp}{out_bytes / MiB:>12.1f}")
     tag = "cuda" if cuda else "cpu"
     print("wrote", write_result(f"attention_memory_{tag}", rows))

@@ -150,3 +150,134 @@ class UpstreamClipAttention(nn.Module):
         q, k, v = self.qkv_proj(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class UpstreamPatchEmbed(nn.Module):
+    def __init__(self, dim, patch=16):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+def upstream_get_abs_pos(pos, size):
+    if pos.shape[1] == size:
+        return pos
+    resized = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(size, size), mode="bicubic", antialias=True,
+                            align_corners=False)
+    return resized.to(pos.dtype).permute(0, 2, 3, 1)
+
+
+class UpstreamImageEncoderViT(nn.Module):
+    """SAM ``ImageEncoderViT``: patch_embed, pos_embed, blocks, neck, net_2, net_3 -> NCHW [B, C3, h, w]."""
+
+    def __init__(self, dim=64, depth=3, num_heads=1, window_size=4, global_blocks=(1,), pos_grid=8, cn=16, c3=32):
+        super().__init__()
+        self.patch_embed = UpstreamPatchEmbed(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid, pos_grid, dim))
+        self.blocks = nn.ModuleList(
+            UpstreamBlock(dim, num_heads, 0 if i in global_blocks else window_size, (pos_grid, pos_grid)) for i in range(depth))
+        tail = UpstreamCompressor(dim, cn, c3 // 2, c3)
+        self.neck, self.net_2, self.net_3 = tail.neck, tail.net_2, tail.net_3
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = x + upstream_get_abs_pos(self.pos_embed, x.shape[1])
+        for blk in self.blocks:
+            x = blk(x)
+        return self.net_3(self.net_2(self.neck(x.permute(0, 3, 1, 2))))
+
+
+class UpstreamClipLayer(nn.Module):
+    def __init__(self, dim, num_heads, attention=None):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim)
+        self.self_attn = attention or UpstreamClipAttention(dim, num_heads)
+        self.layer_norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class UpstreamClip(nn.Module):
+    """``vision_model(pixels, sam_features)``: CLS + positions over SAM's grid, then the layers."""
+
+    def __init__(self, dim=32, depth=2, num_heads=2, attention=None):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(dim))
+        self.position_embedding = nn.Parameter(torch.zeros(17, dim))   # 4 x 4 grid + CLS
+        self.layers = nn.ModuleList(UpstreamClipLayer(dim, num_heads, attention and attention(dim, num_heads))
+                                    for _ in range(depth))
+
+    def forward(self, pixels, sam_features):
+        x = sam_features.flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.position_embedding[: x.shape[1] + 1]
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class UpstreamProjector(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.layers = nn.Linear(cin, cout)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class UpstreamDeepEncoder(nn.Module):
+    """The vision half of DeepSeek-OCR's model glue: sam_model, vision_model, projector."""
+
+    def __init__(self, clip_attention=None, sam_attention=None):
+        super().__init__()
+        self.sam_model = UpstreamImageEncoderViT()
+        if sam_attention is not None:
+            for blk in self.sam_model.blocks:
+                old = blk.attn
+                side = (old.rel_pos_h.shape[0] + 1) // 2
+                blk.attn = sam_attention(old.qkv.in_features, old.num_heads, (side, side))
+        self.vision_model = UpstreamClip(attention=clip_attention)
+        self.projector = UpstreamProjector(64, 24)
+
+    def forward(self, pixels):
+        sam = self.sam_model(pixels)
+        clip = self.vision_model(pixels, sam)
+        return self.projector(torch.cat([clip[:, 1:], sam.flatten(2).permute(0, 2, 1)], dim=-1))
+
+
+# ---- vLLM-shaped variants: a SAM ``RelPosAttention`` and a CLIP attention on parallel linears ----
+
+
+class RelPosAttention(UpstreamAttention):
+    """vLLM's name for SAM's attention; same attributes and math."""
+
+
+class ParallelLinear(nn.Linear):
+    """vLLM's Column/RowParallelLinear contract on one GPU: returns (output, output_bias)."""
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class VllmClipAttention(nn.Module):
+    """vLLM CLIPAttention-shaped: qkv_proj / out_proj return tuples; heads per partition; scale."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads_per_partition = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = ParallelLinear(dim, 3 * dim)
+        self.out_proj = ParallelLinear(dim, dim)
+
+    def forward(self, hidden_states):
+        B, N, C = hidden_states.shape
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = (t.view(B, N, self.num_heads_per_partition, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out, _ = self.out_proj(out.transpose(1, 2).reshape(B, N, C))
+        return out

@@ -1,5 +1,6 @@
 """deepencoder-kernels: fused GPU kernels for DeepEncoder, the vision encoder of DeepSeek-OCR."""
 from . import config, ops, reference
+from .accelerate import AccelerationReport, accelerate, accelerated, restore
 from .checkpoint import load_checkpoint
 from .dispatch import available, backend, clear_last_backends, last_backends
 from .modules import DeepEncoder
@@ -7,6 +8,6 @@ from .preprocess import preprocess, render_document_page, token_count
 
 __version__ = "0.1.0"
 __all__ = [
-    "DeepEncoder", "available", "backend", "clear_last_backends", "config", "last_backends",
+    "AccelerationReport", "DeepEncoder", "accelerate", "accelerated", "restore", "available", "backend", "clear_last_backends", "config", "last_backends",
     "load_checkpoint", "ops", "preprocess", "reference", "render_document_page", "token_count",
 ]

@@ -154,7 +154,8 @@ def _module_missing(name: str) -> str | None:
 
 
 def needs_module(name: str) -> Callable[[], str | None]:
-    return lambda: _module_missing(name)
+    reason = _module_missing(name)  # decided once, so torch.compile traces a constant
+    return lambda: reason
 
 
 def needs_cuda() -> str | None:

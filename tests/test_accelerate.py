@@ -1,0 +1,99 @@
+"""accelerate(): upstream-structured DeepEncoder code (DeepSeek's and vLLM's shapes) routed through
+the package's ops in place, reversibly, with the same parameters and the same outputs."""
+import pytest
+import torch
+
+import deepencoder_kernels as dk
+from conftest import assert_close
+from upstream import RelPosAttention, UpstreamDeepEncoder, VllmClipAttention
+
+
+def randomised(model, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5 if ("rel_pos" in name or "pos" in name or "class" in name or "bias" in name) else 0.2)
+    return model.eval()
+
+
+@pytest.fixture(params=["deepseek", "vllm"])
+def model(request):
+    if request.param == "deepseek":
+        return randomised(UpstreamDeepEncoder())
+    return randomised(UpstreamDeepEncoder(clip_attention=VllmClipAttention, sam_attention=RelPosAttention))
+
+
+PIXELS = torch.randn(2, 3, 128, 128)   # an 8 x 8 SAM grid: 4 x 4 windows, a 2 x 2 compressed grid
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton-interpret"])
+def test_outputs_match_and_parameters_are_shared(model, backend):
+    with torch.no_grad():
+        want = model(PIXELS)
+    params_before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+    report = dk.accelerate(model)
+    assert report.count("sam block") == 3 and report.count("sam encoder") == 1 and report.count("clip attention") == 2
+    assert [k for _, k, _ in report.left_alone] == ["projector"]
+    with torch.no_grad(), dk.backend(backend):
+        got = model(PIXELS)
+    used = {op: c.backend for op, c in dk.last_backends().items()}
+    assert used["rel_pos_attention"] == used["compress"] == used["varlen_attention"] == backend
+    assert_close(got, want, torch.float32)
+    after = model.state_dict()
+    assert list(after) == list(params_before)
+    for k, v in after.items():
+        assert v.data_ptr() == params_before[k][0] and torch.equal(v, params_before[k][1]), k
+
+
+def test_checkpoint_loads_after_accelerate_and_restore_undoes_it(model):
+    other = randomised(type(model)() if not isinstance(model.vision_model.layers[0].self_attn, VllmClipAttention)
+                       else UpstreamDeepEncoder(clip_attention=VllmClipAttention, sam_attention=RelPosAttention), seed=1)
+    with torch.no_grad():
+        want_other = other(PIXELS)
+    dk.accelerate(model)
+    model.load_state_dict(other.state_dict())          # weights loaded into the patched model are used
+    with torch.no_grad():
+        assert_close(model(PIXELS), want_other, torch.float32)
+    assert dk.restore(model) == 6
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(PIXELS), other(PIXELS))    # the original code path, bit for bit
+
+
+def test_context_manager_and_report_text(model):
+    with dk.accelerated(model) as report:
+        assert "sam_model.blocks.0: sam block" in str(report)
+        assert "projector: one Linear" in str(report)
+        assert dk.accelerate(model).patched == []          # idempotent: a second call patches nothing
+    assert dk.restore(model) == 0
+
+
+def test_parts_left_alone_say_why():
+    from upstream import UpstreamAttention
+
+    attn = UpstreamAttention(64, 1, (4, 4))
+    report = dk.accelerate(attn)
+    assert report.patched == [] and "block holds the window size" in report.left_alone[0][2]
+    attn.use_rel_pos = False
+    block = UpstreamDeepEncoder().sam_model.blocks[0]
+    block.attn.use_rel_pos = False
+    assert "use_rel_pos=False" in dk.accelerate(block).left_alone[0][2]
+    own = dk.accelerate(dk.DeepEncoder(
+        sam=dk.modules.SamEncoder(dim=64, depth=1, num_heads=1, global_blocks=(), neck_dim=16, out_dim=32),
+        clip=dk.modules.ClipVisionModel(dim=32, depth=1, num_heads=2, hidden=64), projector=dk.modules.MlpProjector(64, 24)))
+    assert own.patched == [] and all("already on the package's ops" in why or k == "projector" for _, k, why in own.left_alone)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton-interpret"])
+def test_accelerated_encoder_compiles_fullgraph(model, backend):
+    """torch.compile(fullgraph=True) traces the accelerated model with no graph break (the fused ops
+    are custom ops with fake implementations; the reference runs as plain torch ops) and gives the
+    same output. aot_eager: a compile backend that runs on this CPU-only machine."""
+    with torch.no_grad():
+        want = model(PIXELS)
+    dk.accelerate(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), dk.backend(backend):
+        got = compiled(PIXELS)
+    assert_close(got, want, torch.float32)
