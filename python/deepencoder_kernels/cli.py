@@ -57,11 +57,18 @@ def main(argv=None) -> int:
     s = sub.add_parser("static-report", help="AOT-compile every kernel config (sm_80, sm_90a): regs, spills, smem, tensor cores",
                        add_help=False)
     s.set_defaults(run=None)
+    r = sub.add_parser("regression", help="FLOPs, bytes allocated per op and CPU speed-ups vs a committed baseline",
+                       add_help=False)
+    r.set_defaults(run=None)
     args, rest = parser.parse_known_args(argv)
     if args.command == "static-report":
         from .static_report import main as static_main
 
         return static_main(rest)
+    if args.command == "regression":
+        from .regression import main as regression_main
+
+        return regression_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.run(args)
