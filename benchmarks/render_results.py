@@ -38,6 +38,17 @@ def profile_section(path: Path) -> list[str]:
     return out
 
 
+def modes_section(paths: list[Path]) -> list[str]:
+    profiles = [json.loads(p.read_text()) for p in paths]
+    order = {m: i for i, m in enumerate(("tiny", "small", "base", "large", "gundam"))}
+    profiles.sort(key=lambda p: order.get(p["mode"], 99))
+    out = [f"**Every mode** ({profiles[0]['dtype']}, {profiles[0]['device_name']}, backend `{profiles[0]['backend']}`, "
+           f"{profiles[0]['date']}): `deepencoder-kernels profile --mode <mode>` (all of them: `python benchmarks/run_all.py`)", ""]
+    rows = [[p["mode"], p["views"], p["output_tokens"], f"{p['sam_trunk_flops'] / 1e9:.1f}", f"{p['total_flops'] / 1e9:.1f}",
+             f"{p['peak_bytes'] / MiB:.0f}", f"{sum(s['seconds'] for s in p['stages']):.1f}"] for p in profiles]
+    return out + table("mode|views>|tokens>|SAM trunk GFLOPs>|total GFLOPs>|peak activation MiB>|time s>", rows)
+
+
 def memory_section(path: Path) -> list[str]:
     m = json.loads(path.read_text())
     out = [f"**SAM attention activation memory** (bf16, batch 1, {m['device']}, {m['date']}): "
@@ -100,8 +111,12 @@ def static_section(path: Path) -> list[str]:
 
 def main() -> None:
     parts: list[str] = []
-    for path in sorted(RESULTS.glob("profile_*.json")):
-        parts += profile_section(path) + [""]
+    profiles = sorted(RESULTS.glob("profile_*.json"))
+    for path in profiles:
+        if json.loads(path.read_text())["mode"] == "base":
+            parts += profile_section(path) + [""]
+    if len(profiles) > 1:
+        parts += modes_section(profiles) + [""]
     for path in sorted(RESULTS.glob("attention_memory_*.json")):
         parts += memory_section(path) + [""]
     for path in sorted(RESULTS.glob("compress_c*.json")):
