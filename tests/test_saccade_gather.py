@@ -203,6 +203,17 @@ def test_cuda_source_compiles_for_sm80_and_sm90a(tmp_path):
             assert int(shared) < 48 * 1024, f"{arch} {name} needs {shared} B of shared memory"
 
 
+def test_cupy_path_passes_the_kernels_parameters_in_order():
+    """The CuPy launch cannot run here; its argument list is checked against the kernel's source."""
+    from deepencoder_kernels import cupy_saccade
+
+    source = cupy_saccade.cuda_source()
+    signature = re.search(r"saccade_select\(([^)]*)\)", source).group(1)
+    names = tuple(re.findall(r"(\w+)\s*(?:,|$)", signature.replace("\n", " ")))
+    assert names == cupy_saccade.SELECT_PARAMS
+    assert f"#define DK_SELECT_THREADS {cupy_saccade.SELECT_THREADS}" in source
+
+
 def test_cupy_path_compiles_with_nvrtc():
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="install the 'cupy' extra (CI does)")
     from deepencoder_kernels import cupy_saccade

@@ -13,6 +13,9 @@ import importlib.resources
 import re
 
 SELECT_THREADS = 256  # DK_SELECT_THREADS in the .cuh
+# saccade_select's parameters in the .cuh's order (a test reads them from the source to keep this in step)
+SELECT_PARAMS = ("scores", "score_dtype", "cu_seqlens", "uniform_length", "k_per_image", "spatial_order", "positions",
+                 "sources", "cu_seqlens_out")
 SCORE_DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 _INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 
@@ -70,28 +73,27 @@ def saccade_gather(scores, features, k, cu_seqlens=None, order: str = "score"):
         raise ValueError(f"order must be 'score' or 'spatial', got {order!r}")
     if cu is None:
         B, N = scores.shape[0], scores.shape[1]
-        seg = cupy.arange(B + 1, dtype=cupy.int64) * N
+        cu = cupy.arange(B + 1, dtype=cupy.int32) * N
     else:
-        seg = cu.astype(cupy.int64)
-        B = seg.shape[0] - 1
+        cu = cu.astype(cupy.int32)
+        B = cu.shape[0] - 1
     kk = cupy.full((B,), kk, dtype=cupy.int64) if isinstance(kk, int) else kk.astype(cupy.int64)
-    lengths = seg[1:] - seg[:-1]
+    lengths = (cu[1:] - cu[:-1]).astype(cupy.int64)
     if bool(((kk < 0) | (kk > lengths)).any()):
         raise ValueError("each k[b] must be in [0, N_b]")
-    out_offsets = cupy.zeros(B + 1, dtype=cupy.int64)
-    out_offsets[1:] = cupy.cumsum(kk)
-    total = int(out_offsets[-1])
+    total = int(kk.sum())
     C_units = f.shape[-1]
     rows = f.reshape(-1, C_units)
     gathered = cupy.empty((total, C_units), dtype=rows.dtype)
     positions = cupy.empty(total, dtype=cupy.int64)
     sources = cupy.empty(total, dtype=cupy.int64)
+    cu_out = cupy.zeros(B + 1, dtype=cupy.int32)
     module = _module()
     if B:
-        module.get_function("saccade_select")(
-            (B,), (SELECT_THREADS,),
-            (s, cupy.int32(SCORE_DTYPE_CODES[dtype_name]), seg, kk, out_offsets, cupy.int32(order == "spatial"),
-             positions, sources))
+        args = dict(scores=s, score_dtype=cupy.int32(SCORE_DTYPE_CODES[dtype_name]), cu_seqlens=cu,
+                    uniform_length=cupy.int64(0), k_per_image=kk, spatial_order=cupy.int32(order == "spatial"),
+                    positions=positions, sources=sources, cu_seqlens_out=cu_out)
+        module.get_function("saccade_select")((B,), (SELECT_THREADS,), tuple(args[name] for name in SELECT_PARAMS))
     row_bytes = rows.shape[1] * rows.itemsize
     if total and row_bytes:
         unit = next(u for u in (16, 8, 4, 2, 1) if (row_bytes | rows.data.ptr | gathered.data.ptr) % u == 0)
@@ -99,7 +101,6 @@ def saccade_gather(scores, features, k, cu_seqlens=None, order: str = "score"):
         module.get_function(f"saccade_gather_rows_{unit}")(
             ((total * 32 + threads - 1) // threads,), (threads,),
             (rows, cupy.int64(row_bytes // unit), sources, cupy.int64(total), gathered))
-    cu_out = out_offsets.astype(cupy.int32)
     if as_torch:
         import torch
 
