@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .modules.sam import resize_abs_pos
+from .modules.sam import CompressorParts, resize_abs_pos
 
 _ORIGINAL = "_deepencoder_kernels_patched"   # marks a patched module (holds the kind)
 
@@ -76,9 +76,7 @@ def _sam_encoder_forward(self, x):
         x = x + resize_abs_pos(self.pos_embed, x.shape[1])
     for blk in self.blocks:
         x = blk(x)
-    n0, n1, n2, n3 = self.neck
-    tokens = ops.compress(x, n0.weight, n1.weight, n1.bias, n2.weight, n3.weight, n3.bias, self.net_2.weight,
-                          self.net_3.weight, float(n1.eps))
+    tokens = CompressorParts.compress(self, x)   # the same neck / net_2 / net_3 attribute layout
     h, w = -(-x.shape[1] // 4), -(-x.shape[2] // 4)
     return tokens.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)   # upstream's [B, 1024, h, w] (a channels-last view)
 

@@ -4,5 +4,5 @@ from .encoder import DeepEncoder, MlpProjector
 from .saccade import SaccadeSelector
 from .sam import Compressor, RelPosAttention, SamBlock, SamEncoder
 
-__all__ = ["ClipAttention", "Compressor", "ClipVisionModel", "DeepEncoder", "MlpProjector", "RelPosAttention", "SaccadeSelector", "SamBlock",
-           "SamEncoder"]
+__all__ = ["ClipAttention", "ClipVisionModel", "Compressor", "DeepEncoder", "MlpProjector", "RelPosAttention",
+           "SaccadeSelector", "SamBlock", "SamEncoder"]
