@@ -52,7 +52,9 @@ def modes_section(paths: list[Path]) -> list[str]:
 def memory_section(path: Path) -> list[str]:
     m = json.loads(path.read_text())
     out = [f"**SAM attention activation memory** (bf16, batch 1, {m['device']}, {m['date']}): "
-           f"`python benchmarks/bench_memory.py`", ""]
+           f"`cd benchmarks && python bench_memory.py`. Reference: upstream's dense-bias path under "
+           "`MemoryTracker`. Fused: what its launcher allocates (on a CPU machine with the Triton launch "
+           "stubbed, `profiler.stubbed_launches`; a test shows this equals a real interpreted run byte for byte).", ""]
     rows = [[r["mode"], r["block"], f"{r['reference_peak_bytes'] / MiB:.1f}", f"{r['reference_total_bytes'] / MiB:.1f}",
              f"{r['fused_peak_bytes'] / MiB:.1f}" if r["fused_peak_bytes"] is not None else "not measured (no GPU)",
              f"{r['output_bytes'] / MiB:.1f}"] for r in m["rows"]]

@@ -1,4 +1,6 @@
 """The fused rel-pos attention kernel (Triton interpreter on CPU) against the reference."""
+import contextlib
+
 import pytest
 import torch
 
@@ -172,3 +174,24 @@ def test_interpreter_bf16_dot_is_why_the_kernel_upcasts():
         errors[dtype] = (out - x.to(dtype).float() @ y.to(dtype).float()).abs().max().item()
     assert errors[torch.float16] < 1e-2
     assert errors[torch.bfloat16] > 1e3, f"bf16 interpreter dot is now right ({errors}): UPCAST_DOT can go"
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_stubbed_launch_allocates_what_a_real_run_allocates(window):
+    """bench_memory measures the fused path at full size with the launch stubbed (the interpreter
+    would take hours); here, at a small shape, that equals a real interpreted run, byte for byte."""
+    import importlib
+
+    from deepencoder_kernels.kernels import rel_pos_attention as kernel
+    from deepencoder_kernels.profiler import MemoryTracker, stubbed_launches
+
+    op = importlib.import_module("deepencoder_kernels.ops.rel_pos_attention")
+    qkv, th, tw, pad = make_inputs(1, 9, 9, 2, 64, window, torch.bfloat16)
+    op.sequence_tables(th, tw, window or 9, window or 9)
+    figures = []
+    for stub in (False, True):
+        with torch.inference_mode(), (stubbed_launches(kernel) if stub else contextlib.nullcontext()), MemoryTracker() as t:
+            out = op._fused(qkv, th, tw, 2, window, pad, interpret=True)
+            del out
+        figures.append((t.peak, t.total))
+    assert figures[0] == figures[1] and figures[0][0] == 9 * 9 * 128 * 2
