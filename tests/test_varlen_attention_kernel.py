@@ -54,7 +54,7 @@ def per_sequence(q, k, v, lengths, scale=None, tables=None, grids=None):
 ])
 def test_matches_per_sequence_reference(lengths, dtype):
     q, k, v = packed_qkv(sum(lengths), 2, 64, dtype, nan_margin=True)
-    out = fused(q, k, v, cu_of(lengths), max(lengths))
+    out = fused(q, k, v, cu_of(lengths), max(lengths), allow_empty=True)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out, per_sequence(q, k, v, lengths), dtype, msg=f"lengths={lengths}")
 
@@ -101,9 +101,15 @@ def test_lengths_change_without_new_launch_geometry():
         assert_close(fused(q, k, v, cu_of(lengths), 50), per_sequence(q, k, v, lengths), torch.float32)
 
 
-def test_empty_batch_and_all_empty_sequences():
+def test_empty_sequences_are_an_error_unless_allowed():
     q = torch.randn(0, 2, 32)
-    out = fused(q, q, q, torch.tensor([0, 0, 0], dtype=torch.int32), 0)
+    with pytest.raises(ValueError, match=r"cu_seqlens holds an empty sequence \(sequence 0: .*allow_empty=True"):
+        dk.ops.varlen_attention(q, q, q, torch.tensor([0, 0, 0], dtype=torch.int32), 0)
+    q = torch.randn(5, 2, 32)
+    with pytest.raises(ValueError, match=r"sequence 1: cu_seqlens\[1\] == cu_seqlens\[2\] == 5"):
+        dk.ops.varlen_attention(q, q, q, torch.tensor([0, 5, 5], dtype=torch.int32), 5)
+    out = fused(torch.randn(0, 2, 32), torch.randn(0, 2, 32), torch.randn(0, 2, 32),
+                torch.tensor([0, 0, 0], dtype=torch.int32), 0, allow_empty=True)
     assert out.shape == (0, 2, 32)
 
 

@@ -62,8 +62,10 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
     return value
 
 
-def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> None:
-    """Value checks (first 0, non-decreasing, last = total, max <= max_seqlen); reads to the host."""
+def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None,
+                     allow_empty: bool = True) -> None:
+    """Value checks (first 0, non-decreasing, last = total, max <= max_seqlen, no empty sequence
+    unless ``allow_empty``); reads to the host."""
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {values[0]}")
@@ -71,6 +73,10 @@ def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen
     bad = [i for i, n in enumerate(lengths) if n < 0]
     if bad:
         raise ValueError(f"{name} must be non-decreasing; sequence {bad[0]} has length {lengths[bad[0]]}")
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty and not allow_empty:
+        raise ValueError(f"{name} holds an empty sequence (sequence {empty[0]}: {name}[{empty[0]}] == {name}[{empty[0] + 1}] "
+                         f"== {values[empty[0]]}); pass allow_empty=True if empty sequences are intended (they produce nothing)")
     if values[-1] != total:
         raise ValueError(f"{name}[-1] must equal the packed token count {total}, got {values[-1]}")
     if max_seqlen is not None and max(lengths) > max_seqlen:

@@ -42,7 +42,8 @@ def saccade_gather(
 
     Returns:
         ``(gathered [sum k, C], positions int64 [sum k] (index within its image),
-        cu_seqlens_out int32 [B + 1])``: the packed layout :func:`varlen_attention` takes.
+        cu_seqlens_out int32 [B + 1])``: the packed layout :func:`varlen_attention` takes (with
+        ``allow_empty=True`` when some ``k[b]`` is 0).
 
     Equivalent PyTorch: :func:`deepencoder_kernels.reference.saccade_gather`.
     """

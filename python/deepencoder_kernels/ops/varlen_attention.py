@@ -25,20 +25,23 @@ def varlen_attention(
     rel_pos_w: Optional[torch.Tensor] = None,
     grid_hw: Optional[torch.Tensor] = None,
     check_values: bool = True,
+    allow_empty: bool = False,
 ) -> torch.Tensor:
     """Non-causal softmax attention within each packed sequence (``flash_attn_varlen_func``-style).
 
     Args:
         q, k, v: ``[total, heads, d]``, same shape, dtype and device.
         cu_seqlens: int32 ``[num_seqs + 1]``: sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
-            Zero-length sequences are allowed (they produce nothing).
+            An empty sequence is an error unless ``allow_empty`` (then it produces nothing; e.g. the
+            ``cu_seqlens`` of a saccade gather where some image's budget is 0).
         max_seqlen: longest sequence (a Python int, so launching needs no device sync).
         scale: softmax scale, default ``1 / sqrt(d)``.
         rel_pos_h, rel_pos_w: optional ``[L, d]`` SAM tables; with them, ``grid_hw`` (int32
             ``[num_seqs, 2]``, ``h * w`` = the sequence's length) gives each sequence's grid and
             the decomposed bias ``q.Rh + q.Rw`` (unscaled q) is added after scaling.
         check_values: check ``cu_seqlens``/``grid_hw`` values (a host read); pass False for
-            sequences your own code built.
+            sequences your own code built (the kernel handles empty ones either way).
+        allow_empty: accept zero-length sequences in the checks.
 
     Returns:
         ``[total, heads, d]``.
@@ -65,7 +68,7 @@ def varlen_attention(
         check_tensor("grid_hw", grid_hw, ndim=2, dtypes=(torch.int32,), device=q.device)
         check_shape("grid_hw", grid_hw, (cu_seqlens.shape[0] - 1, 2))
     if check_values:
-        check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen)
+        check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen, allow_empty)
         if grid_hw is not None:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
             for i, ((h, w), n) in enumerate(zip(grid_hw.tolist(), lengths)):
