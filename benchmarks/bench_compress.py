@@ -29,7 +29,7 @@ from deepencoder_kernels import config as cfg  # noqa: E402
 from deepencoder_kernels.kernels.compress import record_launches  # noqa: E402
 compress_op = importlib.import_module("deepencoder_kernels.ops.compress")  # the module (ops.compress is the function)
 from deepencoder_kernels.profiler import MemoryTracker, TrafficCounter  # noqa: E402
-from common import MODES, write_result  # noqa: E402
+from common import MODES, GpuRun, write_result  # noqa: E402
 
 
 def inputs(mode: str, batch: int = 1, dtype=torch.bfloat16, device="cpu", seed: int = 0):
@@ -58,14 +58,13 @@ def measure_fused(args, interpret: bool):
                 peak=memory.peak, allocated=memory.total)
 
 
-def gpu_rows() -> list[dict]:
+def gpu_rows(run: GpuRun = GpuRun(), modes=tuple(MODES), batches=(1, 32)) -> list[dict]:
     import torch.nn.functional as F
-    import triton.testing
 
     rows = []
-    for mode in MODES:
-        for batch in (1, 32):
-            args = inputs(mode, batch, device="cuda")
+    for mode in modes:
+        for batch in batches:
+            args = inputs(mode, batch, device=run.device)
             x, w = args[0], args[1:]
 
             def nchw(x=x):
@@ -78,15 +77,15 @@ def gpu_rows() -> list[dict]:
                 y = F.conv2d(F.conv2d(y, w[6], stride=2, padding=1), w[7], stride=2, padding=1)
                 return y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])
 
-            compiled = torch.compile(nchw)
+            compiled = torch.compile(nchw, backend=run.compile_backend)
 
             def fused(x=x):
-                with dk.backend("triton"):
+                with dk.backend(run.fused):
                     return dk.ops.compress(x, *w, eps=1e-6)
 
             for name, fn in (("PyTorch NCHW", nchw), ("PyTorch channels-last", channels_last),
                              ("torch.compile", compiled), ("fused (this package)", fused)):
-                ms = triton.testing.do_bench(fn, warmup=10, rep=50)
+                ms = run.timer(fn)
                 rows.append(dict(mode=mode, batch=batch, impl=name, ms=ms))
                 print(f"{mode:<6}{batch:>4} {name:<24}{ms:8.3f} ms")
     return rows

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import deepencoder_kernels as dk
 from deepencoder_kernels import config as cfg
-from common import write_result
+from common import GpuRun, write_result
 
 MIXED_BATCH = [("tiny", (900, 1200), 8), ("small", (1000, 1300), 8), ("base", (1240, 1754), 8),
                ("large", (1654, 2339), 4), ("gundam", (1920, 1280), 2)]   # (mode, page px, count); Gundam -> 3 x 2
@@ -68,21 +68,15 @@ def padding_rows(views) -> list[dict]:
 # ---- GPU ---------------------------------------------------------------------------------------
 
 
-def time_ms(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100)
-
-
-def attention_rows(clip_lengths) -> list[dict]:
-    heads, d, dev = cfg.CLIP_HEADS, cfg.CLIP_DIM // cfg.CLIP_HEADS, "cuda"
+def attention_rows(clip_lengths, run: GpuRun = GpuRun(), heads: int = cfg.CLIP_HEADS, d: int = cfg.CLIP_DIM // cfg.CLIP_HEADS) -> list[dict]:
+    dev = run.device
     total, longest, n = sum(clip_lengths), max(clip_lengths), len(clip_lengths)
     q, k, v = (torch.randn(total, heads, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, *torch.tensor(clip_lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
     impls = {}
 
     def ours():
-        with dk.backend("triton"):
+        with dk.backend(run.fused):
             return dk.ops.varlen_attention(q, k, v, cu, longest, check_values=False)
     impls["varlen (this package)"] = ours
     try:
@@ -102,22 +96,22 @@ def attention_rows(clip_lengths) -> list[dict]:
     flops = sum(4 * L * L * d for L in clip_lengths) * heads
     rows = []
     for name, fn in impls.items():
-        ms = time_ms(fn)
+        ms = run.timer(fn)
         rows.append(dict(kind="CLIP attention, one layer", impl=name, ms=ms, tflops=flops / ms / 1e9))
         print(f"{name:<26}{ms:8.3f} ms {flops / ms / 1e9:8.1f} TFLOP/s")
     return rows
 
 
-def encoder_rows(views) -> list[dict]:
+def encoder_rows(views, run: GpuRun = GpuRun(), enc=None) -> list[dict]:
     from deepencoder_kernels.profiler import random_encoder
 
-    enc = random_encoder(dtype=torch.bfloat16, device="cuda")
+    enc = enc or random_encoder(dtype=torch.bfloat16, device=run.device)
     batch = [v for _, v in views]
     n_views = sum(1 + (v.tiles.shape[0] if v.tiles is not None else 0) for v in batch)
-    with torch.inference_mode():
+    with torch.inference_mode(), dk.backend(run.fused):
         tokens = sum(t.shape[0] for t in enc.encode_views_packed(batch))
-        loop_ms = time_ms(lambda: [enc.encode_views(v) for v in batch])
-        packed_ms = time_ms(lambda: enc.encode_views_packed(batch))
+        loop_ms = run.timer(lambda: [enc.encode_views(v) for v in batch])
+        packed_ms = run.timer(lambda: enc.encode_views_packed(batch))
     rows = []
     for name, ms in (("per-image loop", loop_ms), ("packed batch", packed_ms)):
         rows.append(dict(kind="encoder, mixed batch", impl=name, ms=ms, views_per_s=n_views / ms * 1e3,

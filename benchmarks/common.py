@@ -5,7 +5,9 @@ import json
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,3 +48,21 @@ def write_result(name: str, rows: list[dict]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**device_info(), "rows": rows}, indent=1))
     return path
+
+
+def do_bench_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+@dataclass
+class GpuRun:
+    """Where the GPU benchmarks run and how they time. The defaults are the real thing; the test
+    suite smoke-runs the same code on the CPU (interpreted kernels, one call per "timing") so that
+    benchmark code no GPU has executed yet cannot rot."""
+
+    device: str = "cuda"
+    fused: str = "triton"                     # backend of the package's kernels
+    timer: Callable = do_bench_ms             # fn -> milliseconds
+    compile_backend: str = "inductor"

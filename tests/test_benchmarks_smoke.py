@@ -1,0 +1,33 @@
+"""The GPU benchmarks' code, run once on the CPU (interpreted kernels, one call per "timing"), so
+that code no GPU has executed yet is at least known to run. No figures are produced or checked."""
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+import deepencoder_kernels as dk
+from conftest import small_encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from common import GpuRun  # noqa: E402
+
+ONE_CALL = GpuRun(device="cpu", fused="triton-interpret", timer=lambda fn: (fn(), 1.0)[1], compile_backend="eager")
+REFERENCE = GpuRun(device="cpu", fused="reference", timer=ONE_CALL.timer, compile_backend="eager")  # the kernels: tested elsewhere
+
+
+def test_packed_benchmark_gpu_paths():
+    import bench_packed
+
+    rows = bench_packed.attention_rows([5, 17, 3], ONE_CALL, heads=2, d=32)
+    assert {"varlen (this package)", "padded SDPA + key mask", "nested-tensor SDPA"} <= {r["impl"] for r in rows}
+    views = [(m, dk.preprocess(Image.new("RGB", (600, 500), "white"), m)) for m in ("tiny", "small")]
+    rows = bench_packed.encoder_rows(views, REFERENCE, enc=small_encoder())
+    assert [r["impl"] for r in rows] == ["per-image loop", "packed batch"]
+
+
+def test_compress_benchmark_gpu_paths():
+    import bench_compress
+
+    rows = bench_compress.gpu_rows(REFERENCE, modes=("tiny",), batches=(1,))
+    assert [r["impl"] for r in rows] == ["PyTorch NCHW", "PyTorch channels-last", "torch.compile", "fused (this package)"]
