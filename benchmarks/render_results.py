@@ -56,7 +56,7 @@ def memory_section(path: Path) -> list[str]:
            "`MemoryTracker`. Fused: what its launcher allocates (on a CPU machine with the Triton launch "
            "stubbed, `profiler.stubbed_launches`; a test shows this equals a real interpreted run byte for byte).", ""]
     rows = [[r["mode"], r["block"], f"{r['reference_peak_bytes'] / MiB:.1f}", f"{r['reference_total_bytes'] / MiB:.1f}",
-             f"{r['fused_peak_bytes'] / MiB:.1f}" if r["fused_peak_bytes"] is not None else "not measured (no GPU)",
+             f"{r['fused_peak_bytes'] / MiB:.1f}",
              f"{r['output_bytes'] / MiB:.1f}"] for r in m["rows"]]
     return out + table("mode|block|reference peak MiB>|reference allocated MiB>|fused peak MiB>|output MiB>", rows)
 
