@@ -2,9 +2,11 @@
 property-based over shapes/budgets/ties/NaNs, autograd, torch.compile, and the CUDA source built by
 nvcc and NVRTC (it cannot run here)."""
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,3 +294,23 @@ def test_encoder_appends_saccade_tokens_after_the_base_layout():
     assert out.shape == (273 + round(0.25 * 273), 24)
     assert torch.equal(out[:273], plain)          # the upstream layout is untouched
     assert any(key.startswith("saccades.") for key in enc.state_dict())
+
+
+@pytest.mark.skipif(not Path(NVCC).exists(), reason="nvcc is not installed (CI has it)")
+def test_extension_builds_and_loads_with_cuda(tmp_path):
+    """CMakeLists.txt with DEEPENCODER_KERNELS_CUDA=ON compiles the .cu into _C and links the CUDA
+    runtime statically; the module loads on this GPU-less machine and offers the CUDA entry point."""
+    import pybind11
+
+    cmd = ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+           "-DDEEPENCODER_KERNELS_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={NVCC}", f"-DPython_EXECUTABLE={sys.executable}",
+           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DOUTPUT_DIR={tmp_path / 'out'}"]
+    for step in (cmd, ["cmake", "--build", str(tmp_path)]):
+        r = subprocess.run(step, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    so = next((tmp_path / "out").glob("_C*.so"))
+    probe = ("from deepencoder_kernels import extension as e; info = e.EXTENSION.build_info(); "
+             "assert info['cuda'] and hasattr(e.EXTENSION, 'saccade_gather_cuda'), info; print('ok')")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       env={**os.environ, "DEEPENCODER_KERNELS_EXTENSION": str(so)})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
