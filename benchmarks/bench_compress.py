@@ -70,11 +70,13 @@ def gpu_rows(run: GpuRun = GpuRun(), modes=tuple(MODES), batches=(1, 32)) -> lis
             def nchw(x=x):
                 return dk.reference.compress(x, *w, eps=1e-6)
 
-            def channels_last(x=x):
+            wl = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in w]
+
+            def channels_last(x=x, wl=wl):
                 y = x.permute(0, 3, 1, 2)  # a channels-last NCHW view: cuDNN's NHWC kernels, no copy
-                y = dk.reference.layer_norm_2d(F.conv2d(y, w[0]), w[1], w[2], 1e-6)
-                y = dk.reference.layer_norm_2d(F.conv2d(y, w[3], padding=1), w[4], w[5], 1e-6)
-                y = F.conv2d(F.conv2d(y, w[6], stride=2, padding=1), w[7], stride=2, padding=1)
+                y = dk.reference.layer_norm_2d(F.conv2d(y, wl[0]), wl[1], wl[2], 1e-6)
+                y = dk.reference.layer_norm_2d(F.conv2d(y, wl[3], padding=1), wl[4], wl[5], 1e-6)
+                y = F.conv2d(F.conv2d(y, wl[6], stride=2, padding=1), wl[7], stride=2, padding=1)
                 return y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])
 
             compiled = torch.compile(nchw, backend=run.compile_backend)
