@@ -63,9 +63,9 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
 
 
 def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None,
-                     allow_empty: bool = True) -> None:
+                     allow_empty: bool = True) -> list[int]:
     """Value checks (first 0, non-decreasing, last = total, max <= max_seqlen, no empty sequence
-    unless ``allow_empty``); reads to the host."""
+    unless ``allow_empty``); reads to the host once and returns the sequence lengths."""
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {values[0]}")
@@ -81,6 +81,7 @@ def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen
         raise ValueError(f"{name}[-1] must equal the packed token count {total}, got {values[-1]}")
     if max_seqlen is not None and max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+    return lengths
 
 
 def needs_grad(*tensors) -> bool:

@@ -93,9 +93,7 @@ def _check_values(scores: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[to
             return
         lengths = [scores.shape[1]] * k.shape[0]
     else:
-        check_cu_seqlens("cu_seqlens", cu_seqlens, scores.shape[0], None)
-        bounds = cu_seqlens.tolist()
-        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, scores.shape[0], None)
     for b, (kb, n) in enumerate(zip(k.tolist(), lengths)):
         if not 0 <= kb <= n:
             raise ValueError(f"k[{b}] = {kb} is out of range: each k must be in [0, N_b = {n}]")

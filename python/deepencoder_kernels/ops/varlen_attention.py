@@ -68,9 +68,8 @@ def varlen_attention(
         check_tensor("grid_hw", grid_hw, ndim=2, dtypes=(torch.int32,), device=q.device)
         check_shape("grid_hw", grid_hw, (cu_seqlens.shape[0] - 1, 2))
     if check_values:
-        check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen, allow_empty)
+        lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen, allow_empty)
         if grid_hw is not None:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
             for i, ((h, w), n) in enumerate(zip(grid_hw.tolist(), lengths)):
                 if h < 1 or w < 1 or h * w != n:
                     raise ValueError(f"grid_hw[{i}] = ({h}, {w}) must be positive with h * w = sequence length {n}")
