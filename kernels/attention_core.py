@@ -8,6 +8,17 @@ import triton.language as tl
 
 
 @triton.jit
+def tile_of_program(num_m_tiles, num_heads):
+    """(q tile, sequence, head) of this program. The grid is 1-D (CUDA's x axis takes 2^31 - 1
+    programs; y and z stop at 65535, which serving-scale batches pass), with the q tiles of one
+    (sequence, head) adjacent so they run together and share its keys and values in L2."""
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_tiles
+    seq_head = pid // num_m_tiles
+    return pid_m, seq_head // num_heads, seq_head % num_heads
+
+
+@triton.jit
 def q_rel_pos_tables(q, table_h_ptr, table_w_ptr, rows_h_valid, rows_w_valid, d,
                      HEAD_DIM: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr, PRECISION: tl.constexpr):
     """``q @ table^T`` for both tables ([BLOCK_M, LP_*] fp32, unscaled q as upstream); table rows

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._runtime import launch_grid
 from .configs import compress_config
 
 
@@ -94,6 +95,11 @@ def record_launches():
         _LAUNCHES = None
 
 
+def conv_grid(num_pixels: int, c_out: int, cfg: dict):
+    """Pixel tiles on x (up to 2^31 - 1), channel tiles on y (a handful)."""
+    return launch_grid(triton.cdiv(num_pixels, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+
+
 def conv_nhwc(x, weight_kkio, stride: int, pad: int, config: str, ln=None, eps: float = 1e-6, interpret: bool = False):
     """One conv: x [B, H, W, C_in] (unit channel stride), weight [k, k, C_in, C_out]; ``ln`` = (weight,
     bias) of a LayerNorm over the output channels, fused; ``config``: the tile sizes' name in configs."""
@@ -105,7 +111,7 @@ def conv_nhwc(x, weight_kkio, stride: int, pad: int, config: str, ln=None, eps: 
     if ln is not None and cfg["BLOCK_N"] < C_out:
         raise ValueError(f"config {config!r} tiles {cfg['BLOCK_N']} < {C_out} output channels: cannot fuse the LayerNorm")
     num_pixels = B * Ho * Wo
-    grid = (triton.cdiv(num_pixels, cfg["BLOCK_M"]), triton.cdiv(C_out, cfg["BLOCK_N"]))
+    grid = conv_grid(num_pixels, C_out, cfg)
     upcast = interpret and x.dtype == torch.bfloat16
     ln_w, ln_b = ln if ln is not None else (weight_kkio, weight_kkio)   # never read without HAS_LN
     kernel_for(interpret)[grid](

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_core import online_softmax_step, q_rel_pos_tables, rel_pos_bias_tile
+from .attention_core import online_softmax_step, q_rel_pos_tables, rel_pos_bias_tile, tile_of_program
+from ._runtime import launch_grid
 from .configs import rel_pos_attention_config
 
 
@@ -43,7 +44,7 @@ def _rel_pos_attention_fwd_kernel(
     H, W,                       # the real grid
     SEQ_H, SEQ_W,               # the sequence grid: window side, or H and W
     windows_w, windows_per_image,
-    num_heads, sm_scale,
+    num_heads, num_m_tiles, sm_scale,
     C: tl.constexpr,            # channels (offset of k in qkv; v at 2C)
     HEAD_DIM: tl.constexpr,
     WINDOWED: tl.constexpr,
@@ -52,10 +53,7 @@ def _rel_pos_attention_fwd_kernel(
     UPCAST_DOT: tl.constexpr,   # dot in fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_sh = tl.program_id(1)
-    seq = pid_sh // num_heads
-    head = pid_sh % num_heads
+    pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
     if WINDOWED:
         b = seq // windows_per_image
         win = seq % windows_per_image
@@ -120,17 +118,21 @@ def kernel_for(interpret: bool):
     return check_mode(_rel_pos_attention_fwd_kernel, interpret)
 
 
-def launch_args(qkv, num_heads: int, window_size: int):
-    """Sequence geometry + config for a call: shared by the launcher and the static report."""
-    B, H, W, C3 = qkv.shape
+def launch_args(qkv_shape, num_heads: int, window_size: int):
+    """Sequence geometry, config and launch grid for a call (from shapes alone): shared by the
+    launcher, the static report and the launch-limit tests."""
+    B, H, W, C3 = qkv_shape
     if window_size > 0:
         seq_h = seq_w = window_size
         windows_h, windows_w = -(-H // window_size), -(-W // window_size)
     else:
         seq_h, seq_w, windows_h, windows_w = H, W, 1, 1
     name, cfg = rel_pos_attention_config(window_size, seq_h, seq_w)
+    num_seqs = B * windows_h * windows_w
+    num_m_tiles = triton.cdiv(seq_h * seq_w, cfg["BLOCK_M"])
     return dict(seq_h=seq_h, seq_w=seq_w, windows_w=windows_w, windows_per_image=windows_h * windows_w,
-                num_seqs=B * windows_h * windows_w, config_name=name, config=cfg)
+                num_seqs=num_seqs, num_m_tiles=num_m_tiles, grid=launch_grid(num_m_tiles * num_seqs * num_heads),
+                config_name=name, config=cfg)
 
 
 def rel_pos_attention_fwd(qkv, table_h, table_w, num_heads: int, window_size: int, pad_kv, interpret: bool = False):
@@ -138,7 +140,7 @@ def rel_pos_attention_fwd(qkv, table_h, table_w, num_heads: int, window_size: in
     B, H, W, C3 = qkv.shape
     C = C3 // 3
     head_dim = C // num_heads
-    geo = launch_args(qkv, num_heads, window_size)
+    geo = launch_args(qkv.shape, num_heads, window_size)
     cfg = dict(geo["config"])
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
@@ -146,14 +148,13 @@ def rel_pos_attention_fwd(qkv, table_h, table_w, num_heads: int, window_size: in
     table_h = table_h.to(qkv.dtype).contiguous()
     table_w = table_w.to(qkv.dtype).contiguous()
     pad = pad_kv.to(qkv.dtype).contiguous() if pad_kv is not None else table_h  # unused when HAS_PAD=0
-    grid = (triton.cdiv(geo["seq_h"] * geo["seq_w"], cfg["BLOCK_M"]), geo["num_seqs"] * num_heads)
     upcast = interpret and qkv.dtype == torch.bfloat16  # exact: bf16 products fit fp32
-    kernel_for(interpret)[grid](
+    kernel_for(interpret)[geo["grid"]](
         qkv, pad, table_h, table_w, out,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, W, geo["seq_h"], geo["seq_w"], geo["windows_w"], geo["windows_per_image"],
-        num_heads, head_dim ** -0.5,
+        num_heads, geo["num_m_tiles"], head_dim ** -0.5,
         C=C, HEAD_DIM=head_dim, WINDOWED=window_size > 0, HAS_PAD=pad_kv is not None and window_size > 0,
         IEEE_DOT=qkv.dtype == torch.float32 or upcast, UPCAST_DOT=upcast,
         **cfg,

@@ -1,8 +1,8 @@
 """Attention over packed variable-length sequences (forward), optionally with SAM's decomposed
 rel-pos bias per sequence.
 
-One program = one (q tile, sequence, head). The launch grid is ``(cdiv(max_seqlen, BLOCK_M),
-num_seqs * heads)``: it needs ``max_seqlen`` (a host int the caller already has), never the
+One program = one (q tile, sequence, head), on a 1-D grid of ``cdiv(max_seqlen, BLOCK_M) x
+num_seqs x heads`` programs: it needs ``max_seqlen`` (a host int the caller already has), never the
 lengths, so there is no device sync and no recompilation when the lengths change; q tiles past a
 sequence's end exit at once. q/k/v are read through strides, so they can be views of a packed qkv
 projection (``[total, 3, heads, d]``) with no copy.
@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_core import online_softmax_step, q_rel_pos_tables, rel_pos_bias_tile
+from ._runtime import launch_grid
+from .attention_core import online_softmax_step, q_rel_pos_tables, rel_pos_bias_tile, tile_of_program
 from .configs import varlen_attention_config
 
 
@@ -26,17 +27,14 @@ def _varlen_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr,
     grid_hw_ptr, tables_h_ptr, tables_w_ptr, table_rows_ptr,   # used only when HAS_BIAS
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    num_heads, sm_scale,
+    num_heads, num_m_tiles, sm_scale,
     HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE_DOT: tl.constexpr,     # fp32 dot operands: full precision instead of tf32
     UPCAST_DOT: tl.constexpr,   # dot in fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_sh = tl.program_id(1)
-    seq = pid_sh // num_heads
-    head = pid_sh % num_heads
+    pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
     start = tl.load(cu_seqlens_ptr + seq)
     n = tl.load(cu_seqlens_ptr + seq + 1) - start
     if pid_m * BLOCK_M >= n:
@@ -88,6 +86,12 @@ def kernel_for(interpret: bool):
     return check_mode(_varlen_attention_fwd_kernel, interpret)
 
 
+def varlen_grid(num_seqs: int, heads: int, max_seqlen: int, cfg: dict):
+    """(q tiles per sequence, launch grid): from host ints alone, so shape tests need no launch."""
+    num_m_tiles = triton.cdiv(max_seqlen, cfg["BLOCK_M"])
+    return num_m_tiles, launch_grid(num_m_tiles * num_seqs * heads)
+
+
 def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, bias_tables=None, interpret: bool = False):
     """Launch on validated inputs. ``bias_tables``: None, or ``(grid_hw int32 [S, 2], tables_h,
     tables_w, table_rows int32 [S, 2], max_side_h, max_side_w)`` from the ops layer."""
@@ -105,11 +109,11 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, bia
     else:
         grid_hw = tables_h = tables_w = table_rows = cu_seqlens  # never read
     upcast = interpret and q.dtype == torch.bfloat16  # exact: bf16 products fit fp32
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), num_seqs * heads)
+    num_m_tiles, grid = varlen_grid(num_seqs, heads, max_seqlen, cfg)
     kernel_for(interpret)[grid](
         q, k, v, out, cu_seqlens, grid_hw, tables_h, tables_w, table_rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        heads, scale,
+        heads, num_m_tiles, scale,
         HEAD_DIM=head_dim, HAS_BIAS=has_bias, IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST_DOT=upcast,
         **cfg,
     )

@@ -107,7 +107,8 @@ def rel_pos_attention_signature(dtype: str) -> dict:
     p = "*" + dtype
     sig = {name: p for name in ("qkv_ptr", "pad_ptr", "table_h_ptr", "table_w_ptr", "out_ptr")}
     sig.update({name: "i32" for name in ("stride_qb", "stride_qh", "stride_qw", "stride_ob", "stride_oh", "stride_ow",
-                                         "H", "W", "SEQ_H", "SEQ_W", "windows_w", "windows_per_image", "num_heads")})
+                                         "H", "W", "SEQ_H", "SEQ_W", "windows_w", "windows_per_image", "num_heads",
+                                         "num_m_tiles")})
     sig["sm_scale"] = "fp32"
     return sig
 
@@ -130,7 +131,7 @@ def varlen_attention_signature(dtype: str) -> dict:
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "cu_seqlens_ptr": "*i32", "grid_hw_ptr": "*i32",
            "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": "*i32"}
     sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                                         "stride_ot", "stride_oh", "num_heads")})
+                                         "stride_ot", "stride_oh", "num_heads", "num_m_tiles")})
     sig["sm_scale"] = "fp32"
     return sig
 

@@ -1,0 +1,58 @@
+"""Every launcher's grid stays inside CUDA's launch limits at serving-scale batches.
+
+Computed from shapes alone (no launch): 1024 Gundam pages with HF's 9-crop budget are 9216 640 px
+tiles + 1024 1024 px global views, the largest batch a vLLM or offline encode would hand over.
+"""
+import pytest
+
+from deepencoder_kernels import config as cfg
+from deepencoder_kernels.kernels._runtime import MAX_GRID, launch_grid
+from deepencoder_kernels.kernels.compress import conv_grid
+from deepencoder_kernels.kernels.configs import compress_config, varlen_attention_config
+from deepencoder_kernels.kernels.rel_pos_attention import launch_args
+from deepencoder_kernels.kernels.varlen_attention import varlen_grid
+
+PAGES = 1024
+TILES_PER_PAGE = 9
+VIEWS = {640: PAGES * TILES_PER_PAGE, 1024: PAGES}   # image size -> views in one call
+
+
+def within_limits(grid):
+    return all(n <= limit for n, limit in zip(grid, MAX_GRID))
+
+
+def test_launch_grid_refuses_past_cuda_limits():
+    assert launch_grid(2**31 - 1, 65535) == (2**31 - 1, 65535)
+    with pytest.raises(ValueError, match="axis y"):
+        launch_grid(1, 65536)
+    with pytest.raises(ValueError, match="axis x"):
+        launch_grid(2**31)
+
+
+@pytest.mark.parametrize("size", sorted(VIEWS))
+@pytest.mark.parametrize("window", [cfg.SAM_WINDOW, 0], ids=["windowed", "global"])
+def test_rel_pos_attention_grid_at_serving_scale(size, window):
+    g = cfg.sam_grid(size)
+    geo = launch_args((VIEWS[size], g, g, 3 * cfg.SAM_DIM), cfg.SAM_HEADS, window)
+    assert within_limits(geo["grid"])
+    if window:  # the old (q tiles, sequences x heads) layout put 995,328 / 110,592 programs on y here
+        assert geo["num_seqs"] * cfg.SAM_HEADS > MAX_GRID[1]
+
+
+@pytest.mark.parametrize("case", ["clip", "sam-global"])
+def test_varlen_attention_grid_at_serving_scale(case):
+    seqs = sum(VIEWS.values())
+    if case == "clip":
+        heads, longest, conf = cfg.CLIP_HEADS, cfg.compressed_grid(1024) ** 2 + 1, varlen_attention_config(False, 1, 1)
+    else:
+        g = cfg.sam_grid(1024)
+        heads, longest, conf = cfg.SAM_HEADS, g * g, varlen_attention_config(True, g, g)
+    _, grid = varlen_grid(seqs, heads, longest, conf)
+    assert within_limits(grid)
+    assert seqs * heads > MAX_GRID[1]
+
+
+@pytest.mark.parametrize("step,c_out", [("neck_1x1_ln", cfg.SAM_NECK_DIM), ("net3_3x3_s2", cfg.SAM_OUT_DIM)])
+def test_compress_grid_at_serving_scale(step, c_out):
+    pixels = sum(n * cfg.sam_grid(size) ** 2 for size, n in VIEWS.items())
+    assert within_limits(conv_grid(pixels, c_out, compress_config(step, c_out)))
