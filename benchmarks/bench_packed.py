@@ -44,7 +44,7 @@ def sequences(views):
         sides.append(v.global_view.shape[-1] // cfg.SAM_PATCH)
         if v.tiles is not None:
             sides += [v.tiles.shape[-1] // cfg.SAM_PATCH] * v.tiles.shape[0]
-    return sides, [(s // 4) ** 2 + 1 for s in sides]
+    return sides, [cfg.compressed_side(s) ** 2 + 1 for s in sides]
 
 
 def padding_rows(views) -> list[dict]:

@@ -107,7 +107,7 @@ def test_encode_pixels_contract():
     assert out.shape == (2, 73, 24)
     with pytest.raises(ValueError, match=r"pixels must be \[B, 3, S, S\]"):
         enc.encode_pixels(torch.randn(3, 512, 512))
-    with pytest.raises(ValueError, match="divisible by 64"):
+    with pytest.raises(ValueError, match="multiple of 16"):
         enc.encode_pixels(torch.randn(1, 3, 500, 500))
     sam = enc.sam_model(torch.randn(1, 3, 512, 512))
     assert sam.shape == (1, 32, 8, 8)

@@ -58,14 +58,33 @@ GUNDAM_MAX_CROPS = 9          # the HF code; the vLLM config uses 6
 PAD_GRAY = (127, 127, 127)    # int(0.5 * 255)
 
 
+def check_image_size(image_size, name: str = "image_size") -> int:
+    """A view side upstream's SAM can take: a positive multiple of the 16 px patch (the patch embed
+    would silently drop the remainder, and upstream's ``pos_embed`` resize assumes whole patches)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < SAM_PATCH or image_size % SAM_PATCH:
+        raise ValueError(f"{name} must be a positive multiple of {SAM_PATCH} pixels, got {image_size!r}")
+    return image_size
+
+
+def stride2_side(side: int) -> int:
+    """Side after one 3x3, stride-2, padding-1 conv (``net_2`` / ``net_3``): ceil(side / 2)."""
+    return (side + 1) // 2
+
+
 def sam_grid(image_size: int) -> int:
     """Tokens per side after the 16 px patch embed."""
-    return image_size // SAM_PATCH
+    return check_image_size(image_size) // SAM_PATCH
+
+
+def compressed_side(grid: int) -> int:
+    """Trunk grid side -> compressed side after net_2 and net_3: ceil(ceil(g / 2) / 2).
+    The one rule every token count, shape and FLOP formula derives the compressed grid from."""
+    return stride2_side(stride2_side(grid))
 
 
 def compressed_grid(image_size: int) -> int:
-    """Tokens per side after the two stride-2 convs (16x fewer tokens)."""
-    return image_size // (SAM_PATCH * 4)
+    """Tokens per side after the two stride-2 convs (64 -> 16; 10 -> 3 at 160 px)."""
+    return compressed_side(sam_grid(image_size))
 
 
 def view_tokens(image_size: int) -> int:

@@ -1,6 +1,8 @@
 """DeepEncoder: SAM trunk -> compressor -> CLIP -> concat -> projector -> token layout."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -9,7 +11,7 @@ from ..preprocess import Views, preprocess
 from ..stages import nvtx_stage
 from .clip import ClipVisionModel
 from .saccade import SaccadeSelector
-from .sam import SamEncoder
+from .sam import SamEncoder, check_pixels
 
 
 class MlpProjector(nn.Module):
@@ -70,11 +72,11 @@ class DeepEncoder(nn.Module):
                grid: tuple[int, int] = (1, 1)) -> torch.Tensor:
         """Upstream's token order: [tile grid rows + newlines], [global rows + newlines], separator."""
         D = global_feats.shape[-1]
-        g = int(global_feats.shape[0] ** 0.5)
+        g = math.isqrt(global_feats.shape[0])
         parts = []
         if tile_feats is not None:
             n_w, n_h = grid
-            t = int(tile_feats.shape[1] ** 0.5)
+            t = math.isqrt(tile_feats.shape[1])
             # [n_h, n_w, t, t, D] -> rows that run across the tiles of one tile row
             local = tile_feats.view(n_h, n_w, t, t, D).permute(0, 2, 1, 3, 4).reshape(n_h * t, n_w * t, D)
             parts.append(self.with_newlines(local))
@@ -84,12 +86,7 @@ class DeepEncoder(nn.Module):
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed views [B, 3, S, S] in [-1, 1] -> [B, h*(w+1) + 1, 1280]."""
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
-            shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise ValueError(f"pixels must be [B, 3, S, S], got {shape}")
-        B, _, H, W = pixels.shape
-        if H != W or H % (cfg.SAM_PATCH * 4):
-            raise ValueError(f"pixels must be square with a side divisible by 64, got {H}x{W}")
+        check_pixels(pixels)     # square, a multiple of 16 (any size upstream's SAM takes)
         feats = self.view_features(pixels)
         return torch.stack([self.layout(f) for f in feats])
 

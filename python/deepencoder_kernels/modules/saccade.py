@@ -19,7 +19,7 @@ from .sam import resize_abs_pos
 
 def base_token_count(side: int) -> int:
     """Tokens of one view in upstream's layout for a trunk grid of ``side`` (64 -> 16x16 + 16 newlines + 1 = 273)."""
-    g = side // 4
+    g = cfg.compressed_side(side)
     return g * (g + 1) + 1
 
 

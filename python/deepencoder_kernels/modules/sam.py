@@ -12,6 +12,18 @@ from ..reference import layer_norm_2d
 from ..stages import nvtx_stage
 
 
+def check_pixels(pixels, name: str = "pixels") -> int:
+    """``pixels`` must be [B, 3, S, S] with S a multiple of 16 (upstream resizes ``pos_embed`` to a
+    square grid, so views are square); returns S."""
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
+        shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"{name} must be [B, 3, S, S], got {shape}")
+    H, W = pixels.shape[-2:]
+    if H != W:
+        raise ValueError(f"{name} must be square (upstream's SAM resizes its positions to a square grid), got {H}x{W}")
+    return cfg.check_image_size(int(H), f"{name}'s side")
+
+
 def resize_abs_pos(pos_embed: torch.Tensor, size: int) -> torch.Tensor:
     """[1, G, G, C] -> [1, size, size, C]: bicubic, antialias, in fp32, cast back (upstream rule)."""
     if pos_embed.shape[1] == size:
@@ -129,7 +141,8 @@ class Compressor(CompressorParts, nn.Module):
 
 
 class SamEncoder(CompressorParts, nn.Module):
-    """``sam_model``: pixels [B, 3, S, S] -> features [B, 1024, S/64, S/64] (a channels-last view).
+    """``sam_model``: pixels [B, 3, S, S] -> features [B, 1024, g, g] (a channels-last view), with
+    g = ``cfg.compressed_grid(S)`` = ceil(ceil((S / 16) / 2) / 2), as upstream's convs give it.
 
     The width/depth arguments exist so tests can build small models with the same code paths.
     """
@@ -166,7 +179,7 @@ class SamEncoder(CompressorParts, nn.Module):
 
     def trunk(self, pixels, stage=nvtx_stage):
         """pixels [B, 3, S, S] -> trunk features [B, S/16, S/16, 768]; ``stage`` wraps each stage's work."""
-        side = pixels.shape[-1] // cfg.SAM_PATCH
+        side = cfg.sam_grid(check_pixels(pixels))
         n = side * side
         with stage("patch embed", pixels.shape[-1] * pixels.shape[-2], n):
             x = self.embed(pixels)
@@ -181,8 +194,9 @@ class SamEncoder(CompressorParts, nn.Module):
         view's grid, packed, through the varlen attention with per-grid rel-pos. Returns the trunk
         features per group, as :meth:`trunk` would give for each group alone."""
         xs = []
-        for pixels in pixel_groups:
-            with stage("patch embed", pixels.shape[-1] * pixels.shape[-2], (pixels.shape[-1] // cfg.SAM_PATCH) ** 2):
+        for i, pixels in enumerate(pixel_groups):
+            side = cfg.sam_grid(check_pixels(pixels, f"pixel_groups[{i}]"))
+            with stage("patch embed", pixels.shape[-1] * pixels.shape[-2], side * side):
                 xs.append(self.embed(pixels))
         grids = [(x.shape[1], x.shape[2]) for x in xs for _ in range(x.shape[0])]
         packing = Packing.of_grids(grids, xs[0].device)
@@ -198,13 +212,13 @@ class SamEncoder(CompressorParts, nn.Module):
         return xs
 
     def tokens(self, pixels, stage=nvtx_stage, trunk: torch.Tensor | None = None):
-        """pixels [B, 3, S, S] (or their ``trunk`` features) -> tokens [B, (S/64)^2, 1024]."""
+        """pixels [B, 3, S, S] (or their ``trunk`` features) -> tokens [B, g * g, 1024], g = cfg.compressed_grid(S)."""
         x = self.trunk(pixels, stage) if trunk is None else trunk
         n = x.shape[1] * x.shape[2]
-        with stage("neck+compressor", n, n // 16):
+        with stage("neck+compressor", n, cfg.compressed_side(x.shape[1]) * cfg.compressed_side(x.shape[2])):
             return self.compress(x)
 
     def forward(self, pixels):
         t = self.tokens(pixels)
-        side = pixels.shape[-1] // (cfg.SAM_PATCH * 4)
+        side = cfg.compressed_grid(pixels.shape[-1])
         return t.view(t.shape[0], side, side, -1).permute(0, 3, 1, 2)
