@@ -1,11 +1,18 @@
-"""Image -> views, as DeepSeek-OCR prepares them (Tiny/Small/Base/Large/Gundam).
+"""Image -> views, pixel for pixel as DeepSeek-OCR's processors prepare them (the Hugging Face
+``infer`` path and vLLM's ``DeepseekOCRProcessor``), Tiny/Small/Base/Large/Gundam.
 
-- Tiny/Small: resized directly to the square view (LANCZOS).
-- Base/Large: letterboxed into the square with gray (127, 127, 127), aspect kept.
+- Paths are opened with ``ImageOps.exif_transpose`` first (both upstream loaders do), then made
+  RGB. PIL images are taken as given, as upstream's processors take them: an image from a bare
+  ``Image.open`` keeps its EXIF orientation tag unapplied (pass the path, or transpose it yourself).
+- Tiny/Small: ``image.resize((S, S))`` with PIL's default filter (bicubic), then ``ImageOps.pad``
+  to (S, S) with gray, exactly upstream's two calls (the pad leaves an (S, S) image as it is).
+- Base/Large: letterboxed into the square with gray (127, 127, 127), aspect kept (``ImageOps.pad``).
 - Gundam: a 1024 letterboxed global view, plus 640 px tiles when a side exceeds 640: the
   (n_w, n_h) grid with min_crops <= n_w * n_h <= max_crops whose aspect ratio is closest to the
   image's (ties go to the later, larger grid when the image area exceeds half the grid's area),
-  the image resized to (640 n_w, 640 n_h) and cut row-major.
+  the image resized (default filter) to (640 n_w, 640 n_h) and cut row-major. The crop budget
+  differs between the upstreams: ``max_crops`` 9 in the HF code (the default here), 6 in the
+  vLLM config (``MAX_CROPS``); pass ``max_crops=6`` to match a vLLM deployment.
 Pixels are normalised to [-1, 1] (mean 0.5, std 0.5).
 """
 from __future__ import annotations
@@ -28,8 +35,11 @@ class Views:
 
 
 def load_image(image) -> Image.Image:
+    """A path (opened, EXIF orientation applied) or a PIL image (as given) -> RGB."""
     if isinstance(image, (str, Path)):
-        image = Image.open(image)
+        with Image.open(image) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image or a path, got {type(image).__name__}")
     return image.convert("RGB")
@@ -65,10 +75,9 @@ def preprocess(image, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS)
     m = cfg.MODES[mode]
     image = load_image(image)
     S = m.base_size
-    if not m.letterbox:
-        global_image = image.resize((S, S), Image.LANCZOS)
-    else:
-        global_image = ImageOps.pad(image, (S, S), color=cfg.PAD_GRAY)
+    # upstream resizes Tiny/Small with no filter argument (PIL's default), then pads either way
+    source = image.resize((S, S)) if not m.letterbox else image
+    global_image = ImageOps.pad(source, (S, S), color=cfg.PAD_GRAY)
     views = Views(to_pixels(global_image), None)
     w, h = image.size
     if m.tiles and (w > m.tile_size or h > m.tile_size):
