@@ -57,3 +57,37 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid_n, qk_scale,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+# ---- backward pieces (FA2-style: P recomputed from the saved row logsumexp) ---------------------
+
+
+@triton.jit
+def recompute_probs(q, k, bias, valid_n, lse2, qk_scale, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """P of one key tile from the forward's logsumexp (``lse2`` in log2 units). Dead rows carry
+    ``lse2 = +inf`` and dead columns are masked, so both come out 0."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        s = s + bias * 1.4426950408889634  # LOG2E
+    p = tl.exp2(s - lse2[:, None])
+    return tl.where(valid_n[None, :], p, 0.0)
+
+
+@triton.jit
+def sum_by_key_coord(ds, key_coord, valid_n, LP: tl.constexpr, PRECISION: tl.constexpr):
+    """``T[i, c] = sum over keys j with coordinate c of ds[i, j]`` ([BLOCK_M, LP]): the bias
+    gradient grouped by key row (or column) as a dot with a one-hot matrix (exact 0/1 operands,
+    tensor cores, no atomics)."""
+    onehot = (key_coord[:, None] == tl.arange(0, LP)[None, :]) & valid_n[:, None]
+    return tl.dot(ds, onehot.to(ds.dtype), input_precision=PRECISION)
+
+
+@triton.jit
+def rel_pos_table_grad(t, q_coord, side, LP: tl.constexpr):
+    """``d(qR)[i, r]`` from ``T`` of :func:`sum_by_key_coord`: table row ``r = c_i - c_j + side - 1``
+    of query ``i`` gathers the keys at coordinate ``c_j = c_i + side - 1 - r`` ([BLOCK_M, LP])."""
+    r = tl.arange(0, LP)
+    src = q_coord[:, None] + side - 1 - r[None, :]
+    ok = (src >= 0) & (src < side)
+    src = tl.minimum(tl.maximum(src, 0), LP - 1)
+    return tl.where(ok, tl.gather(t, src, 1), 0.0)

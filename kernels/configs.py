@@ -28,6 +28,25 @@ def rel_pos_attention_config(window_size: int, seq_h: int, seq_w: int) -> tuple[
     return name, cfg
 
 
+# Backward of the SAM rel-pos attention: "dq" programs own a q tile (dq, the bias gradient through
+# the gather: q.R tables and their gradients, [BLOCK_M, LP] fp32 each, on chip), "dkv" programs own
+# a key tile (dk, dv; q.R recomputed per q tile).
+REL_POS_ATTENTION_BWD = {
+    "windowed": (dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
+                 dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
+    "global": (dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
+               dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
+}
+
+
+def rel_pos_attention_bwd_config(window_size: int, seq_h: int, seq_w: int) -> tuple[str, dict, dict]:
+    """(name, dq kernel config, dkv kernel config)."""
+    name = "windowed" if window_size > 0 else "global"
+    lp = dict(LP_H=max(16, next_pow2(2 * seq_h - 1)), LP_W=max(16, next_pow2(2 * seq_w - 1)))
+    dq, dkv = REL_POS_ATTENTION_BWD[name]
+    return name, {**dq, **lp}, {**dkv, **lp}
+
+
 # Packed varlen attention. Without a bias (CLIP: 65..401 tokens, d = 64) the q tile is 64 rows so
 # short sequences still fill the GPU; with SAM's rel-pos bias the on-chip q.R tables set the size
 # as in the SAM kernel's global config.

@@ -39,6 +39,7 @@ def _sequence_tokens(offs, SEQ_W, n_tokens, origin_y, origin_x, H, W):
 @triton.jit
 def _rel_pos_attention_fwd_kernel(
     qkv_ptr, pad_ptr, table_h_ptr, table_w_ptr, out_ptr,
+    lse_ptr,                    # fp32 [B, heads, H, W] (natural log), written only when STORE_LSE
     stride_qb, stride_qh, stride_qw,
     stride_ob, stride_oh, stride_ow,
     H, W,                       # the real grid
@@ -52,6 +53,7 @@ def _rel_pos_attention_fwd_kernel(
     IEEE_DOT: tl.constexpr,     # fp32 dot operands: full precision instead of tf32
     UPCAST_DOT: tl.constexpr,   # dot in fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
+    STORE_LSE: tl.constexpr = False,   # training: keep each row's logsumexp for the backward
 ):
     pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
     if WINDOWED:
@@ -109,6 +111,9 @@ def _rel_pos_attention_fwd_kernel(
     out_img = out_ptr + b.to(tl.int64) * stride_ob + head * HEAD_DIM
     o_offs = gy * stride_oh + gx * stride_ow
     tl.store(out_img + o_offs[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real_m[:, None])
+    if STORE_LSE:  # padded query rows are cropped: the backward never needs theirs
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453   # LN2: log2 units -> natural
+        tl.store(lse_ptr + ((b.to(tl.int64) * num_heads + head) * H + gy) * W + gx, lse, mask=real_m)
 
 
 def kernel_for(interpret: bool):
@@ -135,8 +140,10 @@ def launch_args(qkv_shape, num_heads: int, window_size: int):
                 config_name=name, config=cfg)
 
 
-def rel_pos_attention_fwd(qkv, table_h, table_w, num_heads: int, window_size: int, pad_kv, interpret: bool = False):
-    """Launch on validated inputs; ``table_h/w`` are already ``2 S - 1`` rows long."""
+def rel_pos_attention_fwd(qkv, table_h, table_w, num_heads: int, window_size: int, pad_kv, interpret: bool = False,
+                          with_lse: bool = False):
+    """Launch on validated inputs; ``table_h/w`` are already ``2 S - 1`` rows long. ``with_lse``:
+    return ``(out, lse)``, the fp32 ``[B, heads, H, W]`` row logsumexp the backward needs."""
     B, H, W, C3 = qkv.shape
     C = C3 // 3
     head_dim = C // num_heads
@@ -148,15 +155,16 @@ def rel_pos_attention_fwd(qkv, table_h, table_w, num_heads: int, window_size: in
     table_h = table_h.to(qkv.dtype).contiguous()
     table_w = table_w.to(qkv.dtype).contiguous()
     pad = pad_kv.to(qkv.dtype).contiguous() if pad_kv is not None else table_h  # unused when HAS_PAD=0
+    lse = torch.empty(B, num_heads, H, W, device=qkv.device, dtype=torch.float32) if with_lse else out
     upcast = interpret and qkv.dtype == torch.bfloat16  # exact: bf16 products fit fp32
     kernel_for(interpret)[geo["grid"]](
-        qkv, pad, table_h, table_w, out,
+        qkv, pad, table_h, table_w, out, lse,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, W, geo["seq_h"], geo["seq_w"], geo["windows_w"], geo["windows_per_image"],
         num_heads, geo["num_m_tiles"], head_dim ** -0.5,
         C=C, HEAD_DIM=head_dim, WINDOWED=window_size > 0, HAS_PAD=pad_kv is not None and window_size > 0,
-        IEEE_DOT=qkv.dtype == torch.float32 or upcast, UPCAST_DOT=upcast,
+        IEEE_DOT=qkv.dtype == torch.float32 or upcast, UPCAST_DOT=upcast, STORE_LSE=with_lse,
         **cfg,
     )
-    return out
+    return (out, lse) if with_lse else out

@@ -111,20 +111,21 @@ def run(op: str, custom_op: Callable, args: tuple, device: torch.device, dtype: 
     return custom_op(*args, chosen.name)
 
 
-def triton_backends(op: str, launcher: Callable, accepts: Callable | None = None) -> None:
+def triton_backends(op: str, launcher: Callable, accepts: Callable | None = None, differentiable: bool = False) -> None:
     """Register a Triton kernel as the ``triton`` (CUDA) and ``triton-interpret`` (CPU) backends.
 
     ``launcher(*op_args, interpret=bool)`` runs the kernel; the interpreter runs the very same
     source on CPU tensors, which is how the kernels are checked on machines without a GPU.
+    ``differentiable``: the op's custom op has a registered backward for these backends.
     """
     import functools
 
     dispatch.register(op, dispatch.Backend(
         "triton", functools.partial(launcher, interpret=False), ("cuda",), FLOAT_DTYPES,
-        (dispatch.needs_triton_compiler, dispatch.needs_interpret(False)), accepts=accepts))
+        (dispatch.needs_triton_compiler, dispatch.needs_interpret(False)), accepts=accepts, differentiable=differentiable))
     dispatch.register(op, dispatch.Backend(
         "triton-interpret", functools.partial(launcher, interpret=True), ("cpu",), FLOAT_DTYPES,
-        (dispatch.needs_module("triton"), dispatch.needs_interpret(True)), accepts=accepts))
+        (dispatch.needs_module("triton"), dispatch.needs_interpret(True)), accepts=accepts, differentiable=differentiable))
 
 
 def impl_of(op: str, backend_name: str) -> Callable:

@@ -1,13 +1,15 @@
 """SAM attention with decomposed relative position, windowed or global."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, derived, impl_of, run, triton_backends
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, derived, impl_of,
+                      needs_grad, run, triton_backends)
 
 OP = "rel_pos_attention"
 
@@ -58,8 +60,21 @@ def rel_pos_attention(
     if pad_kv is not None:
         check_tensor("pad_kv", pad_kv, ndim=1, dtypes=FLOAT_DTYPES, device=qkv.device)
         check_shape("pad_kv", pad_kv, (C3,))
+    if needs_grad(qkv, rel_pos_h, rel_pos_w, pad_kv):
+        # training: resize in plain torch (a no-op at the right length), so autograd differentiates
+        # the interpolation exactly as upstream's does and the fused backward returns d(resized table)
+        seq_h, seq_w = (window_size, window_size) if window_size else (H, W)
+        rel_pos_h = reference.resize_rel_pos(rel_pos_h, 2 * seq_h - 1)
+        rel_pos_w = reference.resize_rel_pos(rel_pos_w, 2 * seq_w - 1)
     args = (qkv, rel_pos_h, rel_pos_w, num_heads, window_size, pad_kv)
-    return run(OP, _rel_pos_attention_op, args, qkv.device, qkv.dtype)
+    return run(OP, _call_op, args, qkv.device, qkv.dtype)
+
+
+def _call_op(qkv, rel_pos_h, rel_pos_w, num_heads, window_size, pad_kv, backend):
+    """The custom op; under autograd its training variant, which also keeps the row logsumexp."""
+    if needs_grad(qkv, rel_pos_h, rel_pos_w, pad_kv):
+        return _rel_pos_attention_train_op(qkv, rel_pos_h, rel_pos_w, num_heads, window_size, pad_kv, backend)[0]
+    return _rel_pos_attention_op(qkv, rel_pos_h, rel_pos_w, num_heads, window_size, pad_kv, backend)
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP}", mutates_args=())
@@ -124,4 +139,108 @@ def _fused_accepts(qkv, rel_pos_h, rel_pos_w, num_heads, *rest):
     return None if d in FUSED_HEAD_DIMS else f"head_dim {d} not in {FUSED_HEAD_DIMS}"
 
 
-triton_backends(OP, _fused, _fused_accepts)
+triton_backends(OP, _fused, _fused_accepts, differentiable=True)
+
+
+# ---- training: forward keeping the row logsumexp, fused backward ---------------------------------
+def _sides(qkv_shape, window_size):
+    return (window_size, window_size) if window_size else tuple(qkv_shape[1:3])
+
+
+def _fused_train(qkv, table_h, table_w, num_heads, window_size, pad_kv, interpret: bool):
+    from deepencoder_kernels.kernels.rel_pos_attention import rel_pos_attention_fwd
+
+    seq_h, seq_w = _sides(qkv.shape, window_size)
+    table_h = reference.resize_rel_pos(table_h.detach(), 2 * seq_h - 1)   # the public path resized already
+    table_w = reference.resize_rel_pos(table_w.detach(), 2 * seq_w - 1)
+    return rel_pos_attention_fwd(qkv, table_h, table_w, num_heads, window_size, pad_kv, interpret=interpret, with_lse=True)
+
+
+def _fused_backward(dout, qkv, table_h, table_w, pad_kv, out, lse, num_heads, window_size, interpret: bool):
+    from deepencoder_kernels.kernels.rel_pos_attention_backward import rel_pos_attention_bwd
+
+    dqkv, dth, dtw, dpad = rel_pos_attention_bwd(dout, qkv, table_h, table_w, num_heads, window_size, pad_kv, out, lse,
+                                                 interpret=interpret)
+    if dpad is None:   # global attention, or no pad_kv: nothing read it
+        dpad = torch.zeros(qkv.shape[-1], device=qkv.device, dtype=torch.float32)
+    return dqkv, dth, dtw, dpad
+
+
+_TRAIN = {"triton": (functools.partial(_fused_train, interpret=False), functools.partial(_fused_backward, interpret=False)),
+          "triton-interpret": (functools.partial(_fused_train, interpret=True), functools.partial(_fused_backward, interpret=True))}
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP}_train", mutates_args=())
+def _rel_pos_attention_train_op(
+    qkv: torch.Tensor,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    num_heads: int,
+    window_size: int,
+    pad_kv: Optional[torch.Tensor],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward for training: ``(out, lse)``, lse the fp32 ``[B, heads, H, W]`` row logsumexp.
+    Tables are ``2 S - 1`` rows long (resized by the caller, differentiably)."""
+    return _TRAIN[backend][0](qkv, table_h, table_w, num_heads, window_size, pad_kv)
+
+
+@_rel_pos_attention_train_op.register_fake
+def _(qkv, table_h, table_w, num_heads, window_size, pad_kv, backend):
+    B, H, W, C3 = qkv.shape
+    return qkv.new_empty(B, H, W, C3 // 3), qkv.new_empty(B, num_heads, H, W, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP}_backward", mutates_args=())
+def _rel_pos_attention_backward_op(
+    dout: torch.Tensor,
+    qkv: torch.Tensor,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    pad_kv: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    num_heads: int,
+    window_size: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dqkv, d table_h fp32, d table_w fp32, d pad_kv fp32 [3C])``."""
+    return _TRAIN[backend][1](dout, qkv, table_h, table_w, pad_kv, out, lse, num_heads, window_size)
+
+
+@_rel_pos_attention_backward_op.register_fake
+def _(dout, qkv, table_h, table_w, pad_kv, out, lse, num_heads, window_size, backend):
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), table_h.new_empty(table_h.shape, **f32),
+            table_w.new_empty(table_w.shape, **f32), qkv.new_empty(qkv.shape[-1], **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, table_h, table_w, num_heads, window_size, pad_kv, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, table_h, table_w, pad_kv, out, lse)
+    ctx.num_heads, ctx.window_size, ctx.backend = num_heads, window_size, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, table_h, table_w, pad_kv, out, lse = ctx.saved_tensors
+    dqkv, dth, dtw, dpad = _rel_pos_attention_backward_op(dout, qkv, table_h, table_w, pad_kv, out, lse, ctx.num_heads,
+                                                          ctx.window_size, ctx.backend)
+    dpad = dpad.to(pad_kv.dtype) if pad_kv is not None else None
+    return dqkv, dth.to(table_h.dtype), dtw.to(table_w.dtype), None, None, dpad, None
+
+
+_rel_pos_attention_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.deepencoder_kernels.rel_pos_attention_train)
+def _train_flop_formula(qkv_shape, rel_h_shape, rel_w_shape, num_heads, window_size, *args, **kwargs) -> int:
+    return flops(qkv_shape, num_heads, window_size)
+
+
+@register_flop_formula(torch.ops.deepencoder_kernels.rel_pos_attention_backward)
+def _backward_flop_formula(dout_shape, qkv_shape, rel_h_shape, rel_w_shape, pad_shape, out_shape, lse_shape, num_heads,
+                           window_size, *args, **kwargs) -> int:
+    # the gradients' matmuls, twice the forward's (as autograd counts them); the recomputed scores not included
+    return 2 * flops(qkv_shape, num_heads, window_size)

@@ -1,0 +1,177 @@
+"""The fused rel-pos attention backward (Triton interpreter on CPU) against autograd through the
+reference: gradients for qkv, both rel-pos tables (resize included) and pad_kv."""
+import importlib
+
+import pytest
+import torch
+
+import deepencoder_kernels as dk
+from deepencoder_kernels import reference as ref
+from conftest import assert_close
+
+
+def make_inputs(B, H, W, heads, d, window, dtype, table_rows=None, with_pad=True):
+    C = heads * d
+    rows = table_rows or 2 * (window or max(H, W)) - 1
+    qkv = (torch.randn(B, H, W, 3 * C) * 0.5).to(dtype)
+    th, tw = ((torch.randn(rows, d) * 0.3).to(dtype) for _ in range(2))
+    pad = (torch.randn(3 * C) * 0.5).to(dtype) if window and with_pad else None
+    return qkv, th, tw, pad
+
+
+def leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def fused_grads(qkv, th, tw, pad, heads, window, dout):
+    qkv, th, tw, pad = leaves(qkv, th, tw, pad)
+    with dk.backend("triton-interpret"):
+        out = dk.ops.rel_pos_attention(qkv, th, tw, heads, window, pad)
+    assert dk.last_backends()["rel_pos_attention"].backend == "triton-interpret"
+    inputs = [t for t in (qkv, th, tw, pad) if t is not None]
+    return out, torch.autograd.grad(out, inputs, dout)
+
+
+def reference_grads(qkv, th, tw, pad, heads, window, dout):
+    """Autograd through the reference, in fp32 (bf16/fp16 kernels are compared against it)."""
+    qkv, th, tw, pad = leaves(*(None if t is None else t.float() for t in (qkv, th, tw, pad)))
+    out = ref.rel_pos_attention(qkv, th, tw, heads, window, pad)
+    inputs = [t for t in (qkv, th, tw, pad) if t is not None]
+    grads = torch.autograd.grad(out, inputs, dout.float(), allow_unused=True)   # pad_kv is unused without padding
+    return out, [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+
+def assert_grads_close(got, want, dtype, msg):
+    """Per-dtype tolerance relative to each gradient's scale (sums over many keys grow with N)."""
+    for name, g, w in zip(("dqkv", "d rel_pos_h", "d rel_pos_w", "d pad_kv"), got, want):
+        scale = max(1.0, w.abs().max().item())
+        assert g.dtype == w.dtype or g.dtype in (torch.float16, torch.bfloat16)
+        assert g.shape == w.shape, f"{name}: {g.shape} vs {w.shape}"
+        assert_close(g.float() / scale, w / scale, dtype, msg=f"{msg}: {name}")
+
+
+def check(B, H, W, heads, d, window, dtype, **kw):
+    qkv, th, tw, pad = make_inputs(B, H, W, heads, d, window, dtype, **kw)
+    dout = (torch.randn(B, H, W, heads * d)).to(dtype)
+    _, got = fused_grads(qkv, th, tw, pad, heads, window, dout)
+    _, want = reference_grads(qkv, th, tw, pad, heads, window, dout)
+    assert_grads_close(got, want, dtype, f"B={B} grid={H}x{W} heads={heads} d={d} window={window} {dtype}")
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,W,window", [
+    (1, 9, 9, 4),        # padded windows (bottom/right), partial q and key tiles
+    (2, 5, 7, 3),        # batch 2, non-square, padded on both sides
+    (1, 8, 8, 4),        # windows tile the grid exactly: no padding
+])
+def test_windowed_gradients(B, H, W, window, dtype):
+    check(B, H, W, 2, 16, window, dtype)
+
+
+def test_windowed_real_window_size():
+    """14x14 windows (196 tokens: several q/key tiles, LP 32) over a padded 16x16 grid, d = 64."""
+    check(1, 16, 16, 1, 64, 14, torch.bfloat16)
+
+
+def test_windowed_without_pad_kv():
+    """pad_kv=None: padded tokens are zeros (no pad gradient to return)."""
+    check(1, 6, 5, 2, 16, 4, torch.float32, with_pad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,W", [
+    (1, 8, 8),           # scaled-down square grid
+    (2, 5, 7),           # batch 2, non-square, partial tiles
+    (1, 1, 1),           # one token
+    (1, 4, 12),          # wide: LP_W > LP_H
+])
+def test_global_gradients(B, H, W, dtype):
+    check(B, H, W, 2, 16, 0, dtype)
+
+
+def test_global_fp16():
+    check(1, 6, 7, 2, 32, 0, torch.float16)
+
+
+@pytest.mark.parametrize("window,rows", [(0, 15), (4, 13)], ids=["global", "windowed"])
+def test_table_resize_is_differentiated(window, rows):
+    """Tables of another length are resized (linear, fp32) before the op; its gradient reaches the
+    original table through autograd of the interpolation, as upstream's does."""
+    check(1, 6, 6, 1, 16, window, torch.float32, table_rows=rows)
+
+
+def test_global_real_table_length():
+    """LP 128 tables (a 40-wide grid: 79 rows) on a short strip, d = 64."""
+    check(1, 2, 40, 1, 64, 0, torch.bfloat16)
+
+
+def test_full_width_small_grid():
+    """SAM's real width (768 channels, 12 heads of 64) on a small grid, windowed with padding and global."""
+    check(1, 6, 6, 12, 64, 4, torch.bfloat16)
+    check(1, 5, 6, 12, 64, 0, torch.bfloat16)
+
+
+def test_only_some_inputs_need_grad():
+    qkv, th, tw, pad = make_inputs(1, 5, 5, 2, 16, 3, torch.float32)
+    qkv.requires_grad_()
+    with dk.backend("triton-interpret"):
+        out = dk.ops.rel_pos_attention(qkv, th, tw, 2, 3, pad)
+    assert dk.last_backends()["rel_pos_attention"].backend == "triton-interpret"
+    dout = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, dout)
+    _, want = reference_grads(qkv, th, tw, pad, 2, 3, dout)
+    assert_close(got, want[0])
+
+
+def test_backward_is_deterministic():
+    """No float atomics: the same inputs give bitwise the same gradients."""
+    qkv, th, tw, pad = make_inputs(2, 7, 6, 2, 16, 4, torch.bfloat16)
+    dout = torch.randn(2, 7, 6, 32).to(torch.bfloat16)
+    first = fused_grads(qkv, th, tw, pad, 2, 4, dout)[1]
+    second = fused_grads(qkv, th, tw, pad, 2, 4, dout)[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_forward_under_autograd_equals_inference():
+    """The training forward (which also writes the logsumexp) gives the inference forward's output."""
+    qkv, th, tw, pad = make_inputs(1, 6, 6, 2, 16, 4, torch.float32)
+    with dk.backend("triton-interpret"):
+        plain = dk.ops.rel_pos_attention(qkv, th, tw, 2, 4, pad)
+        trained = dk.ops.rel_pos_attention(qkv.requires_grad_(), th, tw, 2, 4, pad)
+    assert trained.requires_grad and torch.equal(plain, trained.detach())
+
+
+def test_compiled_training_step_traces():
+    """torch.compile(fullgraph=True) of a training step (aot_eager): AOT autograd traces the
+    forward and the backward through the custom ops and gives eager's gradients."""
+    inputs = make_inputs(1, 5, 5, 1, 16, 3, torch.float32)
+
+    def loss(qkv, th, tw, pad):
+        out = dk.ops.rel_pos_attention(qkv, th, tw, 1, 3, pad)
+        return (out * out).sum()
+
+    torch._dynamo.reset()
+    grads = []
+    with dk.backend("triton-interpret"):
+        for fn in (torch.compile(loss, fullgraph=True, backend="aot_eager"), loss):
+            xs = leaves(*inputs)
+            fn(*xs).backward()
+            grads.append([x.grad for x in xs])
+    for a, b in zip(*grads):
+        assert a is not None
+        assert_close(a, b)
+
+
+def test_opcheck():
+    mod = importlib.import_module("deepencoder_kernels.ops.rel_pos_attention")
+
+    qkv, th, tw, pad = leaves(*make_inputs(1, 3, 3, 1, 16, 2, torch.float32))
+    torch.library.opcheck(mod._rel_pos_attention_train_op, (qkv, th[:3], tw[:3], 1, 2, pad, "triton-interpret"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = mod._rel_pos_attention_train_op(qkv, th[:3], tw[:3], 1, 2, pad, "triton-interpret")
+    torch.library.opcheck(mod._rel_pos_attention_backward_op,
+                          (torch.randn_like(out), qkv.detach(), th[:3].detach(), tw[:3].detach(), pad.detach(),
+                           out.detach(), lse, 1, 2, "triton-interpret"),
+                          test_utils=("test_schema", "test_faketensor"))
