@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import config as cfg
 from . import ops
 from .modules.sam import CompressorParts, resize_abs_pos
 
@@ -77,7 +78,7 @@ def _sam_encoder_forward(self, x):
     for blk in self.blocks:
         x = blk(x)
     tokens = CompressorParts.compress(self, x)   # the same neck / net_2 / net_3 attribute layout
-    h, w = -(-x.shape[1] // 4), -(-x.shape[2] // 4)
+    h, w = cfg.compressed_side(x.shape[1]), cfg.compressed_side(x.shape[2])
     return tokens.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)   # upstream's [B, 1024, h, w] (a channels-last view)
 
 

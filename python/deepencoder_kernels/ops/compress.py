@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .. import config as cfg
 from .. import dispatch, reference
 from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, derived, impl_of, run, triton_backends
 
@@ -77,8 +78,7 @@ def _compress_op(
 
 
 def out_grid(H: int, W: int) -> tuple[int, int]:
-    half = lambda n: (n + 1) // 2  # 3x3, stride 2, pad 1  # noqa: E731
-    return half(half(H)), half(half(W))
+    return cfg.compressed_side(H), cfg.compressed_side(W)   # 3x3, stride 2, pad 1, twice
 
 
 @_compress_op.register_fake
@@ -92,7 +92,7 @@ def flops(x_shape, neck0_shape, net2_shape, net3_shape) -> int:
     """Conv multiply-adds x 2 (LayerNorm's few FLOPs per element are not counted, as for aten)."""
     B, H, W, Cin = x_shape
     Cn, C2, C3 = neck0_shape[0], net2_shape[0], net3_shape[0]
-    H2, W2 = (H + 1) // 2, (W + 1) // 2
+    H2, W2 = cfg.stride2_side(H), cfg.stride2_side(W)
     h, w = out_grid(H, W)
     return 2 * B * (H * W * Cn * Cin + H * W * Cn * Cn * 9 + H2 * W2 * C2 * Cn * 9 + h * w * C3 * C2 * 9)
 
