@@ -9,8 +9,12 @@ never by class name:
   dense bias and unpartition are replaced by one ``rel_pos_attention`` call on the qkv output;
 - a **SAM encoder**: ``patch_embed``, ``pos_embed``, ``blocks``, ``neck``, ``net_2``, ``net_3``;
   its neck + compressor become one ``compress`` call on the trunk's channels-last output;
-- a **CLIP attention**: ``qkv_proj`` and ``out_proj`` with a head count (``num_heads`` or
-  vLLM's ``num_heads_per_partition``), on ``[B, N, C]``: ``varlen_attention`` over equal lengths;
+- a **CLIP attention**: ``qkv_proj`` and ``out_proj`` with a head count, on ``[B, N, C]``:
+  ``varlen_attention`` over equal lengths. Under vLLM's tensor parallelism ``qkv_proj`` (a
+  ``QKVParallelLinear``) yields only this rank's heads (``num_heads_per_partition``): attention
+  runs on those, and ``out_proj`` (a ``RowParallelLinear``) does the all-reduce, as it does
+  upstream. The patched forward returns what the module's own forward returns (vLLM's returns
+  ``(output, None)``), read from its source; a module whose returns cannot be read is left alone;
 - the **projector** (``projector.layers``, one Linear) is recognised and left alone: it is one GEMM.
 
 Patching sets an instance-level ``forward`` that uses the module's own parameters: nothing is
@@ -19,7 +23,10 @@ copied, ``state_dict()`` keys and values are unchanged, loading a checkpoint aft
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import inspect
+import textwrap
 import types
 from dataclasses import dataclass, field
 
@@ -31,6 +38,7 @@ from . import ops
 from .modules.sam import CompressorParts, resize_abs_pos
 
 _ORIGINAL = "_deepencoder_kernels_patched"   # marks a patched module (holds the kind)
+_RETURNS = "_deepencoder_kernels_returns"    # a patched CLIP attention: how many values its forward returns
 
 
 @dataclass
@@ -82,18 +90,51 @@ def _sam_encoder_forward(self, x):
     return tokens.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)   # upstream's [B, 1024, h, w] (a channels-last view)
 
 
-def _clip_attention_forward(self, x, *args, **kwargs):
-    B, N, C = x.shape
+def _clip_attention_forward(self, hidden_states=None, *args, x=None, **kwargs):
+    x = hidden_states if hidden_states is not None else x   # vLLM and HF pass hidden_states=, DeepSeek x
+    B, N, _ = x.shape
     heads = _clip_heads(self)
-    qkv = _linear(self.qkv_proj, x).reshape(B * N, 3, heads, C // heads)
-    q, k, v = qkv.unbind(1)
-    cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=x.device)
+    qkv = _linear(self.qkv_proj, x)                  # [B, N, 3 * heads * d]: this rank's heads only under TP
+    d = qkv.shape[-1] // (3 * heads)
+    q, k, v = qkv.reshape(B * N, 3, heads, d).unbind(1)
+    cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=x.device)   # shapes only: no host sync
     out = ops.varlen_attention(q, k, v, cu, N, getattr(self, "scale", None), check_values=False)
-    return _linear(self.out_proj, out.reshape(B, N, C))
+    out = _linear(self.out_proj, out.reshape(B, N, heads * d))   # a RowParallelLinear all-reduces here
+    returns = self.__dict__[_RETURNS]
+    return out if returns == 1 else (out,) + (None,) * (returns - 1)
 
 
 def _clip_heads(module) -> int:
-    return int(getattr(module, "num_heads", None) or getattr(module, "num_heads_per_partition"))
+    """Heads this module computes: vLLM's per-partition count (tensor parallelism), DeepSeek's
+    ``n_local_heads``, else ``num_heads`` (which is the *total* in vLLM)."""
+    for name in ("num_heads_per_partition", "n_local_heads", "num_heads"):
+        if getattr(module, name, None):
+            return int(getattr(module, name))
+    raise AttributeError("no head count")
+
+
+def _returned_values(module: nn.Module) -> int | None:
+    """How many values ``type(module).forward`` returns: 1 (a tensor) or n for ``return out, None, ...``
+    (extras literally None); None when its source cannot be read or its returns disagree."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    counts = set()
+    todo = list(ast.iter_child_nodes(tree.body[0]))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue   # returns of nested functions are not the forward's
+        if isinstance(node, ast.Return):
+            value = node.value
+            if isinstance(value, ast.Tuple):
+                extras_none = all(isinstance(e, ast.Constant) and e.value is None for e in value.elts[1:])
+                counts.add(len(value.elts) if extras_none else None)
+            else:
+                counts.add(1 if value is not None else None)
+        todo.extend(ast.iter_child_nodes(node))
+    return counts.pop() if len(counts) == 1 else None
 
 
 # ---- recognition ------------------------------------------------------------------------------
@@ -116,6 +157,15 @@ def _classify(module: nn.Module) -> tuple[str | None, str | None]:
             return "sam encoder", "neck is not (conv1x1, LayerNorm2d, conv3x3, LayerNorm2d)"
         return "sam encoder", None
     if _has(module, "qkv_proj", "out_proj") and (hasattr(module, "num_heads") or hasattr(module, "num_heads_per_partition")):
+        try:
+            heads = _clip_heads(module)
+        except AttributeError:
+            return "clip attention", "its head count is not set"
+        width = getattr(getattr(module.qkv_proj, "weight", None), "shape", (None,))[0]
+        if width is not None and width % (3 * heads):
+            return "clip attention", f"qkv_proj's {width} outputs do not split into q, k, v of {heads} heads"
+        if _returned_values(module) is None:
+            return "clip attention", "cannot tell from its forward's source what it returns"
         return "clip attention", None
     if hasattr(module, "projector") and _has(module.projector, "layers"):
         return "projector", "one Linear: already a single GEMM, nothing to fuse"
@@ -151,6 +201,8 @@ def accelerate(model: nn.Module) -> AccelerationReport:
             report.left_alone.append((path, kind, "already accelerated"))
             continue
         module.__dict__[_ORIGINAL] = kind
+        if kind == "clip attention":
+            module.__dict__[_RETURNS] = _returned_values(module)
         module.forward = types.MethodType(_FORWARDS[kind], module)
         report.patched.append((path, kind))
     return report
@@ -162,6 +214,7 @@ def restore(model: nn.Module) -> int:
     for module in model.modules():
         if module.__dict__.pop(_ORIGINAL, None) is not None:
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(_RETURNS, None)
             n += 1
     return n
 

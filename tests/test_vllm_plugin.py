@@ -1,0 +1,291 @@
+"""The vLLM plugin and accelerate() on vLLM's DeepSeek-OCR layout, tensor parallelism included.
+
+vLLM cannot be installed here (it needs a CUDA torch), so ``vllm_standins`` copies the module
+tree, parameter names and call contracts of vLLM's ``deepseek_ocr.py`` / ``deepencoder.py`` /
+``clip.py``, with tensor-parallel shards over torch.distributed; a fake ``vllm`` package written
+per test exercises the plugin's registration path (current, absent, changed, opted out).
+"""
+import logging
+import os
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import deepencoder_kernels as dk
+from conftest import assert_close
+import vllm_standins as vs
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXELS = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))   # 8 x 8 SAM grid, 2 x 2 for CLIP
+
+
+def loaded_model(seed=0):
+    model = vs.DeepseekOCRForCausalLM().eval()
+    model.load_weights(vs.full_checkpoint(seed).items())
+    return model
+
+
+# ---- accelerate() on vLLM's layout (world size 1) ----------------------------------------------
+
+
+def test_vllm_layout_single_rank_matches_and_keeps_contracts():
+    model = loaded_model()
+    with torch.no_grad():
+        want = model._encode_global_features(PIXELS)
+    from deepencoder_kernels.vllm_plugin import accelerate_towers
+
+    report = accelerate_towers(model)
+    assert (report.count("sam block"), report.count("sam encoder"), report.count("clip attention")) == (3, 1, 2)
+    assert not any(p.startswith("language_model") for p, _ in report.patched)   # the LM's look-alike stays
+    assert "forward" not in model.language_model.attn.__dict__
+    attn = model.vision_model.transformer.layers[0].self_attn
+    with torch.no_grad():
+        out = attn(hidden_states=torch.randn(2, 5, 64))   # vLLM calls it by keyword and unpacks two values
+        assert isinstance(out, tuple) and len(out) == 2 and out[1] is None
+    for backend in ("reference", "triton-interpret"):
+        with torch.no_grad(), dk.backend(backend):
+            got = model._encode_global_features(PIXELS)
+        assert {c.backend for c in dk.last_backends().values()} == {backend}
+        assert_close(got, want, torch.float32, msg=backend)
+
+
+def test_patched_forwards_read_nothing_back_to_the_host():
+    """On the meta device any .item() / .tolist() / data-dependent shape raises: the patched
+    forwards (and the ops' checks on the path they take) run there, so they add no host sync and
+    allocate by shapes only, which is what vLLM's encoder CUDA graphs need."""
+    from deepencoder_kernels.vllm_plugin import accelerate_towers
+
+    model = loaded_model().to("meta")
+    assert len(accelerate_towers(model).patched) == 6
+    with torch.no_grad():
+        out = model._encode_global_features(PIXELS.to("meta"))
+    assert out.shape == (2, 4, 24) and out.device.type == "meta"
+    probe = torch.zeros(2, device="meta")
+    with pytest.raises(Exception):   # the meta device does refuse host reads
+        probe.tolist()
+
+
+def test_clip_attention_whose_returns_cannot_be_read_is_left_alone():
+    attn = vs.CLIPAttention(64, 4)
+
+    def forward(self, hidden_states):   # two contracts: nothing to mimic
+        if hidden_states.dim() == 3:
+            return hidden_states
+        return hidden_states, hidden_states
+
+    attn.__class__ = type("Mixed", (vs.CLIPAttention,), {"forward": forward})
+    report = dk.accelerate(attn)
+    assert report.patched == [] and "what it returns" in report.left_alone[0][2]
+    attn.__class__ = vs.CLIPAttention
+    attn.num_heads_per_partition = 5   # 3 * 64 outputs do not split into 5 heads
+    assert "do not split" in dk.accelerate(attn).left_alone[0][2]
+
+
+# ---- tensor parallelism: world size 2 on CPU (gloo), each process with its shards --------------
+
+
+def test_tensor_parallel_shards_equal_the_unsharded_model(tmp_path):
+    ckpt = vs.full_checkpoint()
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    torch.save(PIXELS, tmp_path / "pixels.pt")
+    model = vs.DeepseekOCRForCausalLM().eval()
+    model.load_weights(ckpt.items())
+    with torch.no_grad():
+        want = model._encode_global_features(PIXELS)
+    backends = ("reference", "triton-interpret")
+    mp.spawn(vs.tp_worker, nprocs=2, join=True,
+             args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt.pt"), str(tmp_path / "pixels.pt"), str(tmp_path), backends))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["qkv_rows"] == 3 * 2 * 16                    # this rank holds 2 of the 4 heads
+        assert_close(got["original"], want, torch.float32, msg=f"stand-in shards, rank {rank}")
+        assert sum(k == "clip attention" for _, k in got["patched"]) == 2
+        for name in backends:
+            assert set(got[f"{name} ran"].values()) == {name}
+            assert_close(got[name], want, torch.float32, msg=f"accelerated, rank {rank}, {name}")
+
+
+# ---- the plugin's registration path, against a fake vllm package ------------------------------
+
+FAKE_VLLM = '''
+import importlib
+
+
+class _Registry:
+    def __init__(self, archs):
+        self.models = {a: f"vllm.model_executor.models.{m}:{a}" for a, m in archs.items()}
+
+    def get_supported_archs(self):
+        return self.models.keys()
+
+    def register_model(self, arch, cls):
+        self.models[arch] = cls
+
+    def resolve(self, arch):
+        module, name = self.models[arch].split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+ModelRegistry = _Registry(ARCHS)
+'''
+
+DEEPSEEK_OCR = {
+    "current": "from vllm_standins import DeepseekOCRForCausalLM\n",
+    "not a module class": "class DeepseekOCRForCausalLM:\n    pass\n",
+    "towers renamed": textwrap.dedent("""
+        import vllm_standins as vs
+
+        class DeepseekOCRForCausalLM(vs.DeepseekOCRForCausalLM):
+            def __init__(self, **kw):
+                super().__init__(**kw)
+                self.vision_tower = self.sam_model
+                del self.sam_model, self.vision_model
+    """),
+}
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """Writes a fake ``vllm`` (registry + model module) and returns the plugin module, fresh."""
+
+    def make(archs=("DeepseekOCRForCausalLM", "LlamaForCausalLM"), deepseek_ocr="current"):
+        pkg = tmp_path / "vllm"
+        models = pkg / "model_executor" / "models"
+        models.mkdir(parents=True)
+        mapping = {a: "deepseek_ocr" if a == "DeepseekOCRForCausalLM" else "llama" for a in archs}
+        (pkg / "__init__.py").write_text(f"ARCHS = {mapping!r}\n" + FAKE_VLLM)
+        (pkg / "model_executor" / "__init__.py").write_text("")
+        (models / "__init__.py").write_text("")
+        (models / "llama.py").write_text("class LlamaForCausalLM:\n    pass\n")
+        if deepseek_ocr is not None:
+            (models / "deepseek_ocr.py").write_text(DEEPSEEK_OCR[deepseek_ocr])
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import deepencoder_kernels.vllm_plugin as plugin
+
+        return plugin
+
+    forget = lambda: [sys.modules.pop(m) for m in list(sys.modules) if m == "vllm" or m.startswith("vllm.")
+                      or m == "deepencoder_kernels.vllm_plugin"]
+    forget()
+    monkeypatch.delenv("DEEPENCODER_KERNELS_VLLM_PLUGIN", raising=False)
+    yield make
+    forget()
+
+
+def test_entry_point_is_declared_and_resolves():
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
+    module, func = eps["deepencoder_kernels"].split(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_plugin_registers_a_subclass_that_accelerates_after_load(fake_vllm, caplog):
+    plugin = fake_vllm()
+    from vllm import ModelRegistry
+
+    llama_before = ModelRegistry.models["LlamaForCausalLM"]
+    assert plugin.register() is True
+    assert ModelRegistry.models["LlamaForCausalLM"] == llama_before          # other models untouched
+    cls = ModelRegistry.resolve("DeepseekOCRForCausalLM")
+    assert issubclass(cls, vs.DeepseekOCRForCausalLM) and cls is not vs.DeepseekOCRForCausalLM
+    assert cls.__name__ == "DeepseekOCRForCausalLM"
+    plugin._reported = False
+    reference = loaded_model()
+    with caplog.at_level(logging.DEBUG, logger="vllm.deepencoder_kernels"):
+        model = cls(vllm_config=None, prefix="")
+        model.load_weights(vs.full_checkpoint().items())
+        model.load_weights(vs.full_checkpoint().items())   # a reload: idempotent, not reported again at INFO
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 1 and "3 sam block, 1 sam encoder, 2 clip attention patched" in info[0], info
+    assert "forward" in model.vision_model.transformer.layers[0].self_attn.__dict__
+    assert "forward" not in model.language_model.attn.__dict__
+    with torch.no_grad():
+        assert_close(model._encode_global_features(PIXELS), reference._encode_global_features(PIXELS), torch.float32)
+
+
+def test_plugin_opt_out(fake_vllm, monkeypatch, caplog):
+    plugin = fake_vllm()
+    monkeypatch.setenv("DEEPENCODER_KERNELS_VLLM_PLUGIN", "0")
+    from vllm import ModelRegistry
+
+    before = dict(ModelRegistry.models)
+    with caplog.at_level(logging.INFO, logger="vllm.deepencoder_kernels"):
+        assert plugin.register() is False
+    assert ModelRegistry.models == before
+    assert "plugin off (DEEPENCODER_KERNELS_VLLM_PLUGIN=0)" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["arch absent", "module absent"])
+def test_plugin_does_nothing_without_deepseek_ocr(fake_vllm, caplog, case):
+    plugin = fake_vllm(archs=("LlamaForCausalLM",)) if case == "arch absent" else fake_vllm(deepseek_ocr=None)
+    from vllm import ModelRegistry
+
+    before = dict(ModelRegistry.models)
+    with caplog.at_level(logging.WARNING, logger="vllm.deepencoder_kernels"):
+        assert plugin.register() is False
+    assert ModelRegistry.models == before
+    assert len(caplog.records) == 1 and "this vLLM has no DeepseekOCRForCausalLM" in caplog.text
+
+
+def test_plugin_without_a_registry_does_nothing(fake_vllm, caplog):
+    plugin = fake_vllm()
+    import vllm
+
+    del vllm.ModelRegistry
+    with caplog.at_level(logging.WARNING, logger="vllm.deepencoder_kernels"):
+        assert plugin.register() is False
+    assert "cannot read vLLM's model registry" in caplog.text
+
+
+def test_plugin_with_a_changed_class_runs_vllms_code(fake_vllm, caplog):
+    plugin = fake_vllm(deepseek_ocr="not a module class")
+    from vllm import ModelRegistry
+
+    assert plugin.register() is True
+    with caplog.at_level(logging.WARNING, logger="vllm.deepencoder_kernels"):
+        cls = ModelRegistry.resolve("DeepseekOCRForCausalLM")
+    assert cls is sys.modules["vllm.model_executor.models.deepseek_ocr"].DeepseekOCRForCausalLM   # vLLM's own
+    assert "changed (not an nn.Module with load_weights)" in caplog.text
+
+
+def test_plugin_with_renamed_towers_patches_nothing(fake_vllm, caplog):
+    plugin = fake_vllm(deepseek_ocr="towers renamed")
+    from vllm import ModelRegistry
+
+    plugin.register()
+    cls = ModelRegistry.resolve("DeepseekOCRForCausalLM")
+    model = cls()
+    with caplog.at_level(logging.WARNING, logger="vllm.deepencoder_kernels"):
+        model.load_weights((k, v) for k, v in vs.full_checkpoint().items()
+                           if not k.startswith(("model.sam_model", "model.vision_model")))
+    assert "has no sam_model / vision_model" in caplog.text
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_plugin_survives_a_failing_accelerate(fake_vllm, caplog, monkeypatch):
+    plugin = fake_vllm()
+    from vllm import ModelRegistry
+
+    acc = sys.modules["deepencoder_kernels.accelerate"]   # the package's name `accelerate` is the function
+    plugin.register()
+    model = ModelRegistry.resolve("DeepseekOCRForCausalLM")()
+    calls = []
+
+    def failing(tower):
+        calls.append(tower)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(tower)
+
+    real = acc.accelerate
+    monkeypatch.setattr(acc, "accelerate", failing)
+    with caplog.at_level(logging.WARNING, logger="vllm.deepencoder_kernels"):
+        model.load_weights(vs.full_checkpoint().items())
+    assert "accelerate() failed (RuntimeError: boom)" in caplog.text
+    assert not any("forward" in m.__dict__ for m in model.modules())   # the first tower was restored too
