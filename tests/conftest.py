@@ -1,15 +1,71 @@
 import os
-
-# Triton picks interpreter vs compiler when kernels are decorated, so this must precede any import
-# of triton. GPU runs (DEEPENCODER_KERNELS_GPU_TESTS=1) keep the compiler.
-if not os.environ.get("DEEPENCODER_KERNELS_GPU_TESTS"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import sys
 
 import pytest
 import torch
 
-from deepencoder_kernels import config as cfg
+# Triton picks interpreter vs compiler when kernels are decorated, so the mode is fixed in
+# pytest_configure, before any test module imports deepencoder_kernels (and so triton): a run
+# that selects GPU tests (`pytest -m gpu`, or DEEPENCODER_KERNELS_GPU_TESTS=1) compiles; every
+# other run interprets. One process, one mode: the GPU tests never share a process with the
+# interpreter tests.
+GPU_ENV = "DEEPENCODER_KERNELS_GPU_TESTS"
+
+
+def selects_gpu_only(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` keeps GPU tests and drops unmarked ones (`-m gpu`, `-m "gpu and not slow"`)."""
+    if not markexpr:
+        return False
+    from _pytest.mark.expression import Expression
+
+    expr = Expression.compile(markexpr)
+    return expr.evaluate(lambda name: name == "gpu") and not expr.evaluate(lambda name: False)
+
+
+def pytest_configure(config):
+    gpu = bool(os.environ.get(GPU_ENV)) or selects_gpu_only(config.option.markexpr)
+    config.gpu_process = gpu
+    if gpu:
+        os.environ.pop("TRITON_INTERPRET", None)   # compiled Triton only
+    else:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if "deepencoder_kernels.kernels.rel_pos_attention" in sys.modules:
+        from deepencoder_kernels.dispatch import triton_interpret_mode
+
+        if triton_interpret_mode() == gpu:
+            raise pytest.UsageError("the kernels were decorated before tests/conftest.py chose Triton's mode")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.gpu_process:
+        reason = None if torch.cuda.is_available() else "no CUDA device here (torch.cuda.is_available() is False)"
+    else:
+        reason = "GPU tests run compiled Triton in their own process: `pytest -m gpu` (this one interprets Triton)"
+    if reason:
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def by_device(cpu_cases, cuda_cases, ids=None):
+    """One test body, two shape sets: ``cpu_cases`` run in Triton's interpreter ("interp-small"),
+    ``cuda_cases`` (the real DeepEncoder shapes) run the compiled kernels, marked ``gpu``. Each case
+    becomes ``(device, *case)``."""
+    params = [pytest.param("cpu", *c, id=f"interp-{ids(c) if ids else i}") for i, c in enumerate(cpu_cases)]
+    params += [pytest.param("cuda", *c, id=f"cuda-{ids(c) if ids else i}", marks=pytest.mark.gpu)
+               for i, c in enumerate(cuda_cases)]
+    return params
+
+
+def fused_backend(device) -> str:
+    """The fused Triton backend for a device: interpreted on CPU, compiled on CUDA."""
+    return "triton" if torch.device(device).type == "cuda" else "triton-interpret"
+
+
+def cuda_sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 @pytest.fixture(autouse=True)
@@ -18,11 +74,15 @@ def _seed():
 
 
 def tolerance(dtype):
+    from deepencoder_kernels import config as cfg
+
     return cfg.TOLERANCES[dtype]
 
 
 def assert_close(actual, expected, dtype=None, msg=""):
     """assert_close with the package's per-dtype tolerance table; reports the worst element."""
+    from deepencoder_kernels import config as cfg
+
     atol, rtol = cfg.TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
 
