@@ -36,13 +36,33 @@ void select_image(const SaccadeGatherArgs& a, int64_t b, int64_t out_offset, std
   }
 }
 
+// The values the selection relies on, checked before anything is written: under torch.compile,
+// or when the custom op is called directly, nothing above this checked them.
+int check_values(const SaccadeGatherArgs& a) {
+  if (a.cu_seqlens) {
+    if (a.cu_seqlens[0] != 0 || a.cu_seqlens[a.num_images] != a.total_in) return kBadOffsets;
+    for (int64_t b = 0; b < a.num_images; ++b)
+      if (a.cu_seqlens[b + 1] < a.cu_seqlens[b]) return kBadOffsets;
+  } else if (a.num_images * a.uniform_length != a.total_in) {
+    return kBadOffsets;
+  }
+  int64_t total = 0;
+  for (int64_t b = 0; b < a.num_images; ++b) {
+    const int64_t n = a.cu_seqlens ? int64_t{a.cu_seqlens[b + 1]} - a.cu_seqlens[b] : a.uniform_length;
+    if (a.k[b] < 0 || a.k[b] > n) return kBadBudget;
+    total += a.k[b];
+  }
+  return total == a.total_out ? kSaccadeOk : kBadTotal;
+}
+
 }  // namespace
 
 int saccade_gather_cpu(const SaccadeGatherArgs& a) {
+  if (const int status = check_values(a)) return status;
   std::vector<int64_t> out_offsets(static_cast<size_t>(a.num_images) + 1, 0);
   for (int64_t b = 0; b < a.num_images; ++b) out_offsets[b + 1] = out_offsets[b] + a.k[b];
   for (int64_t b = 0; b <= a.num_images; ++b) a.cu_seqlens_out[b] = static_cast<int32_t>(out_offsets[b]);
-  const int64_t total_in = a.cu_seqlens ? a.cu_seqlens[a.num_images] : a.num_images * a.uniform_length;
+  const int64_t total_in = a.total_in;
 
 #pragma omp parallel if (a.num_images > 1 && total_in >= kParallelMinElements)
   {

@@ -17,6 +17,13 @@
 
 namespace dk {
 
+__device__ __forceinline__ long long image_length(const int* cu_seqlens, long long uniform_length, int b) {
+  const long long n = cu_seqlens ? (long long)cu_seqlens[b + 1] - (long long)cu_seqlens[b] : uniform_length;
+  return n > 0 ? n : 0;
+}
+
+__device__ __forceinline__ long long clamp_budget(long long k, long long n) { return k < 0 ? 0 : (k > n ? n : k); }
+
 // Exclusive block-wide prefix sum of one int per thread; `total` gets the block's sum in every
 // thread. warp_sums and shared_total are shared scratch.
 __device__ __forceinline__ int block_exclusive_scan(int value, int* warp_sums, int* shared_total, int& total) {
@@ -58,11 +65,14 @@ saccade_select(const void* scores, int score_dtype, const int* cu_seqlens, long 
 
   const int b = blockIdx.x;
   const long long start = cu_seqlens ? (long long)cu_seqlens[b] : b * uniform_length;
-  const long long n = cu_seqlens ? (long long)cu_seqlens[b + 1] - start : uniform_length;
-  const long long k = k_per_image[b];
+  const long long n = dk::image_length(cu_seqlens, uniform_length, b);
+  // budgets are clamped to [0, N_b] here too (the host checks them when it sizes the outputs, but
+  // not on the device): a k > N would walk the radix select past its histogram
+  const long long k = dk::clamp_budget(k_per_image[b], n);
   // this image's output offset: the sum of the budgets before it (a few hundred at most)
   long long partial = 0;
-  for (int i = threadIdx.x; i < b; i += blockDim.x) partial += k_per_image[i];
+  for (int i = threadIdx.x; i < b; i += blockDim.x)
+    partial += dk::clamp_budget(k_per_image[i], dk::image_length(cu_seqlens, uniform_length, i));
   for (int offset = 16; offset > 0; offset >>= 1) partial += __shfl_down_sync(0xffffffffu, partial, offset);
   __shared__ long long warp_partials[DK_WARPS];
   if ((threadIdx.x & 31) == 0) warp_partials[threadIdx.x >> 5] = partial;

@@ -2,8 +2,8 @@
 
 Backends declare what they support as data (devices, dtypes, what must be importable); the
 dispatcher takes the first backend of the requested kind with no reason against it, or raises
-listing every backend's reasons. The requested kind comes from ``with dk.backend(...)`` or the
-``DEEPENCODER_KERNELS_BACKEND`` environment variable (default ``auto``).
+listing every backend's reasons. The requested kind comes from ``with dk.backend(...)`` (per thread
+and asyncio task) or the ``DEEPENCODER_KERNELS_BACKEND`` environment variable (default ``auto``).
 
 Kinds: ``reference`` (plain PyTorch, anywhere), ``triton`` (compiled kernels, CUDA tensors),
 ``triton-interpret`` (the same kernels through Triton's CPU interpreter, for tests), ``cpp``
@@ -12,9 +12,11 @@ Kinds: ``reference`` (plain PyTorch, anywhere), ``triton`` (compiled kernels, CU
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -65,9 +67,20 @@ class Choice:
 
 
 _REGISTRY: dict[str, list[Backend]] = {}
-# A stack rather than a contextvar: torch.compile can read (and guard on) a module attribute.
-_REQUESTED: list[str] = []
-_LAST: dict[str, Choice] = {}
+# The requested kind and the record of what ran belong to the calling thread / asyncio task
+# (context variables: a server pinning "reference" in one request never changes another's).
+# torch.compile cannot trace ContextVar.get, so the kind is mirrored in a thread-local that dynamo
+# reads while tracing and guards on per call (a graph traced under one kind is not reused under
+# another in the same thread); the custom ops record what ran when they run.
+_REQUESTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("deepencoder_kernels_backend", default=None)
+_LAST: contextvars.ContextVar[dict[str, Choice] | None] = contextvars.ContextVar("deepencoder_kernels_last", default=None)
+
+
+class _TracedKind(threading.local):
+    kind: str | None = None
+
+
+_TRACED = _TracedKind()
 
 
 def register(op: str, backend: Backend) -> None:
@@ -79,7 +92,8 @@ def backends_of(op: str) -> list[Backend]:
 
 
 def requested_kind() -> str:
-    kind = _REQUESTED[-1] if _REQUESTED else os.environ.get(ENV_VAR, "auto")
+    kind = _TRACED.kind if torch.compiler.is_compiling() else _REQUESTED.get()
+    kind = kind or os.environ.get(ENV_VAR, "auto")
     if kind not in KINDS:
         raise ValueError(f"backend must be one of {KINDS}, got {kind!r} (from {ENV_VAR} or dk.backend)")
     return kind
@@ -91,11 +105,13 @@ def backend(kind: str):
     ``triton-interpret`` or ``cpp``); an op that cannot run there raises, listing the reasons."""
     if kind not in KINDS:
         raise ValueError(f"backend must be one of {KINDS}, got {kind!r}")
-    _REQUESTED.append(kind)
+    token = _REQUESTED.set(kind)
+    _TRACED.kind = kind
     try:
         yield
     finally:
-        _REQUESTED.pop()
+        _REQUESTED.reset(token)
+        _TRACED.kind = _REQUESTED.get()
 
 
 # Order in which ``auto`` tries backends on each device: fused first, the oracle last.
@@ -132,17 +148,28 @@ def select(op: str, device: torch.device, dtype: torch.dtype, args: tuple | None
 
 
 def record(op: str, backend_name: str, refused: dict[str, list[str]]) -> None:
-    """Note which backend ran ``op`` (and why the others did not) for :func:`last_backends`."""
-    _LAST[op] = Choice(op, backend_name, refused)
+    """Note which backend ran ``op`` (and why the others did not) for :func:`last_backends`.
+    Not while torch.compile traces (the custom op records when the compiled code runs it)."""
+    if torch.compiler.is_compiling():
+        return
+    # a new dict each time: a task inherits its creator's record without sharing later updates
+    _LAST.set({**(_LAST.get() or {}), op: Choice(op, backend_name, refused)})
+
+
+def record_run(op: str, backend_name: str) -> None:
+    """A custom op ran ``backend_name``: recorded unless this call's dispatch already said so."""
+    last = (_LAST.get() or {}).get(op)
+    if last is None or last.backend != backend_name:
+        record(op, backend_name, {})
 
 
 def last_backends() -> dict[str, Choice]:
-    """The backend chosen for the most recent call of each op (a copy)."""
-    return dict(_LAST)
+    """The backend chosen for the most recent call of each op in this thread / asyncio task (a copy)."""
+    return dict(_LAST.get() or {})
 
 
 def clear_last_backends() -> None:
-    _LAST.clear()
+    _LAST.set(None)
 
 
 # ---- requirement checks shared by backends --------------------------------------------------

@@ -235,5 +235,7 @@ def saccade_gather(scores, features, k, cu_seqlens=None, spatial_order: bool = F
         positions.append(chosen)
         rows.append(features[starts[b] + chosen])
     out_cu = torch.zeros(len(ks) + 1, dtype=torch.int32, device=scores.device)
-    out_cu[1:] = torch.tensor(ks, device=scores.device).cumsum(0)
+    out_cu[1:] = torch.tensor(ks, device=scores.device, dtype=torch.int64).cumsum(0)
+    if not ks:  # no images
+        return features.new_empty(0, features.shape[-1]), torch.empty(0, dtype=torch.int64, device=scores.device), out_cu
     return torch.cat(rows, 0), torch.cat(positions, 0), out_cu

@@ -44,6 +44,21 @@ def check_tensor(
     return t
 
 
+def kernel_layout(t: torch.Tensor | None, *, rows: bool = False) -> torch.Tensor | None:
+    """``t`` as a kernel that takes its raw pointer reads it: dense row-major, or with ``rows`` unit
+    stride in the last dim only (the kernel takes the other strides), with no lazy negation bit.
+
+    Kernels read memory, not the logical view: a strided, expanded (stride 0) or offset view of the
+    same values would be read as other values. Every tensor whose pointer reaches a kernel goes
+    through here *before* its values are checked, so the values checked are the values read. A
+    no-op for tensors already so laid out; otherwise one copy (autograd flows through it)."""
+    if t is None:
+        return None
+    t = t.resolve_neg()   # itself when no negation bit; unconditional so dynamo traces it (is_neg() it cannot)
+    ok = (t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1) if rows else t.is_contiguous()
+    return t if ok else t.contiguous()
+
+
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> None:
     """``expected`` may hold None for a free dim."""
     ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
@@ -129,9 +144,11 @@ def triton_backends(op: str, launcher: Callable, accepts: Callable | None = None
 
 
 def impl_of(op: str, backend_name: str) -> Callable:
-    """The implementation a custom op forwards to, by backend name."""
+    """The implementation a custom op forwards to, by backend name (noted for ``last_backends``:
+    under torch.compile this is where the choice traced into the graph is seen running)."""
     for b in dispatch.backends_of(op):
         if b.name == backend_name:
+            dispatch.record_run(op, backend_name)
             return b.impl
     raise ValueError(f"{op} has no backend {backend_name!r}")
 

@@ -6,7 +6,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import config as cfg
 from .. import dispatch, reference
-from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, derived, impl_of, run, triton_backends
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, derived, impl_of, kernel_layout, run,
+                      triton_backends)
 
 OP = "compress"
 WEIGHT_NAMES = ("neck0_w", "neck1_w", "neck1_b", "neck2_w", "neck3_w", "neck3_b", "net2_w", "net3_w")
@@ -56,6 +57,11 @@ def compress(
     check_shape("net3_w", net3_w, (net3_w.shape[0], net2_w.shape[0], 3, 3))
     if not isinstance(eps, float) or eps <= 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
+    # the kernels read x through its strides and the LayerNorm parameters by pointer; conv
+    # weights reach them re-laid-out (kkio)
+    x = kernel_layout(x, rows=True)
+    neck1_w, neck1_b, neck3_w, neck3_b = (kernel_layout(t) for t in (neck1_w, neck1_b, neck3_w, neck3_b))
+    weights = (neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w)
     args = (x, *weights, eps)
     return run(OP, _compress_op, args, x.device, x.dtype)
 

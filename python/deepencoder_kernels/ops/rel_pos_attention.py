@@ -9,7 +9,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
 from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, derived, impl_of,
-                      needs_grad, run, triton_backends)
+                      kernel_layout, needs_grad, run, triton_backends)
 
 OP = "rel_pos_attention"
 
@@ -60,6 +60,9 @@ def rel_pos_attention(
     if pad_kv is not None:
         check_tensor("pad_kv", pad_kv, ndim=1, dtypes=FLOAT_DTYPES, device=qkv.device)
         check_shape("pad_kv", pad_kv, (C3,))
+    # the kernel reads qkv through its strides, pad_kv and the tables (when not resized) by pointer
+    qkv, pad_kv = kernel_layout(qkv, rows=True), kernel_layout(pad_kv)
+    rel_pos_h, rel_pos_w = kernel_layout(rel_pos_h), kernel_layout(rel_pos_w)
     if needs_grad(qkv, rel_pos_h, rel_pos_w, pad_kv):
         # training: resize in plain torch (a no-op at the right length), so autograd differentiates
         # the interpolation exactly as upstream's does and the fused backward returns d(resized table)

@@ -6,7 +6,8 @@ from typing import Optional, Union
 import torch
 
 from .. import dispatch, extension, reference
-from ._common import FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_shape, check_tensor, impl_of, run
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_shape, check_tensor, impl_of, kernel_layout,
+                      run)
 
 OP = "saccade_gather"
 ORDERS = ("score", "spatial")
@@ -26,8 +27,9 @@ def saccade_gather(
     """Keep each image's ``k[b]`` best-scoring positions and gather their feature rows, packed.
 
     Args:
-        scores: ``[B, N]``, or packed ``[total]`` with ``cu_seqlens``; fp32/fp16/bf16; contiguous.
-        features: ``[B, N, C]``, or packed ``[total, C]``; contiguous; fp32/fp16/bf16.
+        scores: ``[B, N]``, or packed ``[total]`` with ``cu_seqlens``; fp32/fp16/bf16.
+        features: ``[B, N, C]``, or packed ``[total, C]``; fp32/fp16/bf16. Any view of tensors
+            (the kernels read a contiguous copy of a non-contiguous one).
         k: an int (same budget for every image) or int64 ``[B]``; ``0 <= k[b] <= N_b``.
         cu_seqlens: int32 ``[B + 1]`` offsets of packed inputs (None for ``[B, N]`` inputs).
         order: ``"score"`` (descending score) or ``"spatial"`` (ascending position, reading order).
@@ -50,9 +52,7 @@ def saccade_gather(
     check_tensor("scores", scores, ndim=(1, 2), dtypes=FLOAT_DTYPES)
     device = scores.device
     check_tensor("features", features, ndim=(2, 3), dtypes=FLOAT_DTYPES, device=device)
-    for name, t in (("scores", scores), ("features", features)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {list(t.shape)}")
+    scores, features = kernel_layout(scores), kernel_layout(features)
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if score_grad not in SCORE_GRADS:
@@ -66,6 +66,7 @@ def saccade_gather(
         if scores.dim() != 1:
             raise ValueError(f"scores must be packed [total] with cu_seqlens, got shape {list(scores.shape)}")
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+        cu_seqlens = kernel_layout(cu_seqlens)
         if cu_seqlens.shape[0] < 2:
             raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got shape {list(cu_seqlens.shape)}")
         check_shape("features", features, (scores.shape[0], None))
@@ -76,6 +77,7 @@ def saccade_gather(
         k = torch.full((B,), k, dtype=torch.int64, device=device)
     check_tensor("k", k, ndim=1, dtypes=(torch.int64,), device=device)
     check_shape("k", k, (B,))
+    k = kernel_layout(k)
     if not torch.compiler.is_compiling():  # value checks read to the host: eager only, no graph break
         _check_values(scores, k, cu_seqlens)
     args = (scores, features, k, cu_seqlens, order == "spatial")
@@ -161,26 +163,81 @@ def _extension_serves(scores, *_args) -> str | None:
     return None
 
 
+# Refusals returned by the extension (csrc/saccade_gather.h, SaccadeStatus); positive codes are cudaError_t.
+BAD_OFFSETS, BAD_BUDGET, BAD_TOTAL, WRONG_DEVICE = -1, -2, -3, -4
+MAX_ROWS = 2**31 - 1   # cu_seqlens_out is int32
+
+
 def _saccade_gather_cpp(scores, features, k, cu_seqlens, spatial_order):
+    if scores.device.type == "cuda":
+        index = scores.device.index if scores.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(scores.device).cuda_stream   # torch's current stream on that device
+        launch = lambda *call: extension.EXTENSION.saccade_gather_cuda(*call, stream, index)  # noqa: E731
+        return run_extension(scores, features, k, cu_seqlens, spatial_order, launch, checks_values=False)
+    return run_extension(scores, features, k, cu_seqlens, spatial_order, extension.EXTENSION.saccade_gather_cpu,
+                         checks_values=True)
+
+
+def run_extension(scores, features, k, cu_seqlens, spatial_order, launch, checks_values: bool):
+    """The extension's host path on tensors: checks, layouts, outputs, the raw call, its status.
+
+    The custom op runs this also where the ops layer's checks did not run (under torch.compile, or
+    called directly), so devices, dtypes, shapes and layouts are checked again here (cheap), and the
+    values the kernels rely on are checked on every call: by the C++ code itself on CPU
+    (``checks_values``), else together with ``sum(k)`` in the one host read that sizing the outputs
+    needs anyway (CUDA; the kernel also clamps budgets, so it never selects past an image)."""
     device = scores.device
+    scores, features, k, cu_seqlens = (kernel_layout(t) for t in (scores, features, k, cu_seqlens))
+    for name, t in (("features", features), ("k", k), ("cu_seqlens", cu_seqlens)):
+        if t is not None and t.device != device:
+            raise ValueError(f"saccade_gather: {name} is on {t.device} but scores are on {device}: one device for all inputs")
     B = k.shape[0]
-    total = int(k.sum())  # sizes the outputs (the ops layer read k to the host already)
-    C = features.shape[-1]
-    gathered = features.new_empty(total, C)
-    positions = torch.empty(total, device=device, dtype=torch.int64)
-    sources = torch.empty(total, device=device, dtype=torch.int64)
-    cu_out = torch.empty(B + 1, device=device, dtype=torch.int32)
-    call = (scores.data_ptr(), SCORE_DTYPE_CODES[scores.dtype], 0 if cu_seqlens is None else cu_seqlens.data_ptr(),
-            scores.shape[1] if cu_seqlens is None else 0, k.data_ptr(), B, total, features.data_ptr(),
-            C * features.element_size(), spatial_order, gathered.data_ptr(), positions.data_ptr(), sources.data_ptr(),
-            cu_out.data_ptr())
-    if device.type == "cuda":
-        err = extension.EXTENSION.saccade_gather_cuda(*call, torch.cuda.current_stream(device).cuda_stream)
-        if err:
-            raise RuntimeError(f"saccade_gather CUDA launch failed with cudaError {err}")
+    total_in = scores.shape[0] if cu_seqlens is not None else scores.numel()
+    if (scores.dtype not in SCORE_DTYPE_CODES or features.dtype not in SCORE_DTYPE_CODES or k.dtype != torch.int64 or k.dim() != 1
+            or (cu_seqlens is None) != (scores.dim() == 2) or features.dim() != scores.dim() + 1
+            or features.shape[:-1] != scores.shape
+            or (cu_seqlens is not None and (cu_seqlens.dtype != torch.int32 or cu_seqlens.shape != (B + 1,)))
+            or (cu_seqlens is None and scores.shape[0] != B)):
+        raise ValueError("saccade_gather: inputs do not match the op's schema (use deepencoder_kernels.ops.saccade_gather, "
+                         "which names what is wrong)")
+    if checks_values:
+        total = int(k.sum())
     else:
-        extension.EXTENSION.saccade_gather_cpu(*call)
+        if cu_seqlens is None:
+            lengths = torch.full_like(k, scores.shape[1])
+            bad_offsets = torch.zeros((), dtype=torch.bool, device=device)
+        else:
+            offsets = cu_seqlens.to(torch.int64)
+            lengths = offsets[1:] - offsets[:-1]
+            bad_offsets = (offsets[0] != 0) | (offsets[-1] != total_in) | (lengths < 0).any()
+        bad_budget = ((k < 0) | (k > lengths)).any()
+        total, bad_offsets, bad_budget = torch.stack([k.sum(), bad_offsets.long(), bad_budget.long()]).tolist()
+        if bad_offsets or bad_budget:
+            _raise_for(BAD_OFFSETS if bad_offsets else BAD_BUDGET, scores, k, cu_seqlens)
+    if total > MAX_ROWS:
+        raise ValueError(f"saccade_gather: sum(k) = {total} rows do not fit the int32 cu_seqlens_out (at most {MAX_ROWS})")
+    C = features.shape[-1]
+    gathered = features.new_empty(max(total, 0), C)
+    positions = torch.empty(max(total, 0), device=device, dtype=torch.int64)
+    sources = torch.empty(max(total, 0), device=device, dtype=torch.int64)
+    cu_out = torch.empty(B + 1, device=device, dtype=torch.int32)
+    status = launch(scores.data_ptr(), SCORE_DTYPE_CODES[scores.dtype], 0 if cu_seqlens is None else cu_seqlens.data_ptr(),
+                    scores.shape[1] if cu_seqlens is None else 0, k.data_ptr(), B, total_in, max(total, 0), features.data_ptr(),
+                    C * features.element_size(), spatial_order, gathered.data_ptr(), positions.data_ptr(), sources.data_ptr(),
+                    cu_out.data_ptr())
+    if status:
+        _raise_for(status, scores, k, cu_seqlens)
     return gathered, positions, cu_out
+
+
+def _raise_for(status: int, scores, k, cu_seqlens):
+    if status in (BAD_OFFSETS, BAD_BUDGET, BAD_TOTAL):
+        _check_values(scores, k, cu_seqlens)   # raises, naming the image (an error path may read to the host)
+        raise ValueError(f"saccade_gather: k or cu_seqlens out of range (status {status})")
+    if status == WRONG_DEVICE:
+        raise ValueError(f"saccade_gather: an input or output is not memory of {scores.device}: one device for all tensors")
+    name = extension.EXTENSION.cuda_error_string(status) if hasattr(extension.EXTENSION, "cuda_error_string") else ""
+    raise RuntimeError(f"saccade_gather CUDA launch failed with cudaError {status} {name}".rstrip())
 
 
 dispatch.register(OP, dispatch.Backend("reference", reference.saccade_gather, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
 from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_int, check_shape, check_tensor, derived,
-                      impl_of, run, triton_backends)
+                      impl_of, kernel_layout, run, triton_backends)
 
 OP = "varlen_attention"
 
@@ -54,6 +54,8 @@ def varlen_attention(
         check_shape(name, t, tuple(q.shape))
     total, heads, d = q.shape
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    q, k, v = (kernel_layout(t, rows=True) for t in (q, k, v))
+    cu_seqlens = kernel_layout(cu_seqlens)
     if cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must hold num_seqs + 1 >= 2 offsets, got shape {list(cu_seqlens.shape)}")
     max_seqlen = check_int("max_seqlen", max_seqlen, low=0)
@@ -67,6 +69,8 @@ def varlen_attention(
             check_shape(name, t, (None, d))
         check_tensor("grid_hw", grid_hw, ndim=2, dtypes=(torch.int32,), device=q.device)
         check_shape("grid_hw", grid_hw, (cu_seqlens.shape[0] - 1, 2))
+        grid_hw = kernel_layout(grid_hw)
+        rel_pos_h, rel_pos_w = kernel_layout(rel_pos_h), kernel_layout(rel_pos_w)
     if check_values:
         lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen, allow_empty)
         if grid_hw is not None:

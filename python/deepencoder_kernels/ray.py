@@ -1,0 +1,370 @@
+"""Encode a collection of pages with Ray Data: on a laptop (local Ray, CPU) or on every GPU of a cluster.
+
+``pip install "deepencoder-kernels[ray]"``. The same code runs on both; only the resources differ::
+
+    from deepencoder_kernels.ray import encode_collection
+    summary = encode_collection("scans/", "tokens/", mode="gundam", weights="DeepSeek-OCR/")
+    # or: deepencoder-kernels encode scans/ --out tokens/ --mode gundam --weights DeepSeek-OCR/ --ray
+
+The pipeline (streaming: pages flow through it, the collection is never held at once):
+
+1. the driver lists the pages (image files, and PDF pages when ``pypdfium2`` is installed), each
+   with a stable ``page_id`` (its path, ``#page=N`` for a PDF page) and a mode;
+2. CPU tasks read and preprocess them exactly as :func:`deepencoder_kernels.preprocess` does and
+   pass the views on as uint8 (4x smaller than the float pixels; rebuilt bit for bit);
+3. an actor pool (``map_batches`` with ``concurrency`` actors, one model per actor, ``num_gpus``
+   each, or CPU actors locally) encodes each batch with the packed mixed-mode encoder
+   (``encode_views_packed``: any mix of modes, Gundam tiles included, one packed pass); a batch
+   that fails is re-run page by page so one bad page fails alone;
+4. the driver writes the tokens as they arrive, in shards of ``shard_pages`` pages:
+   ``tokens-00000.safetensors`` (one tensor per page, named by its page id; metadata: page ids and
+   modes) or ``tokens-00000.parquet`` (columns page_id, mode, n_tokens, dim, dtype, tokens as raw
+   bytes), plus ``errors.jsonl`` (page id and error of every failed page) and ``summary.json``.
+
+Memory stays bounded: Ray Data's streaming executor back-pressures the stages (object store
+budget: ``object_store_limit``), the driver holds one shard. A page that fails (unreadable file,
+bad mode, an error in the encoder) is reported with its id; the rest go on. Encoder actors are
+restarted and their in-flight batch retried when a worker dies (Ray Data's actor-pool defaults,
+``max_restarts=-1``, ``max_task_retries=-1``); the driver counts any page id that would arrive
+twice and writes it once.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from . import config as cfg
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+PDF_DPI = 144
+
+
+# ---- pages ------------------------------------------------------------------------------------
+
+
+def list_pages(source) -> list[dict]:
+    """A folder (searched recursively, sorted), a file, or a list of files -> page items
+    ``{"page_id", "path", "index"}`` (``index``: the PDF page, -1 for an image file)."""
+    items = []
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + (".pdf",))
+            named = [(p, p.relative_to(src).as_posix()) for p in files]
+        elif src.exists():
+            named = [(src, src.as_posix())]
+        else:
+            raise FileNotFoundError(f"source: no such file or folder: {src}")
+        for path, name in named:
+            if path.suffix.lower() == ".pdf":
+                items += [{"page_id": f"{name}#page={k + 1}", "path": str(path), "index": k} for k in range(_pdf_len(path))]
+            else:
+                items.append({"page_id": name, "path": str(path), "index": -1})
+    ids = [it["page_id"] for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError("source: two pages share a page id (the same file listed twice?)")
+    return items
+
+
+def _pdfium():
+    try:
+        import pypdfium2
+    except ImportError as e:
+        raise ImportError("PDF pages need pypdfium2 (pip install pypdfium2)") from e
+    return pypdfium2
+
+
+def _pdf_len(path) -> int:
+    doc = _pdfium().PdfDocument(str(path))
+    try:
+        return len(doc)
+    finally:
+        doc.close()
+
+
+def read_page(path: str, index: int):
+    """An image file (given to preprocess as a path: EXIF orientation applied) or one PDF page
+    rendered at ``PDF_DPI``."""
+    if index < 0:
+        return path
+    doc = _pdfium().PdfDocument(path)
+    try:
+        return doc[index].render(scale=PDF_DPI / 72).to_pil().convert("RGB")
+    finally:
+        doc.close()
+
+
+def _to_u8(pixels: torch.Tensor) -> np.ndarray:
+    # preprocess makes pixels as (u / 255 - 0.5) / 0.5 from uint8 u: this inverts it exactly
+    return ((pixels * 0.5 + 0.5) * 255).round_().to(torch.uint8).numpy()
+
+
+def _from_u8(u8: np.ndarray) -> torch.Tensor:
+    # the very arithmetic of preprocess.to_pixels, so the views are bit-identical
+    x = torch.from_numpy(np.ascontiguousarray(u8).astype(np.float32) / 255.0)
+    return (x - 0.5) / 0.5
+
+
+def preprocess_batch(batch: dict, max_crops: int = cfg.GUNDAM_MAX_CROPS) -> dict:
+    """CPU stage: page items -> uint8 views (global [3, S, S], tiles [n, 3, T, T], grid) or an error."""
+    from .preprocess import preprocess
+
+    out = {"page_id": [], "mode": [], "global_view": [], "tiles": [], "grid": [], "error": []}
+    for page_id, path, index, mode in zip(batch["page_id"], batch["path"], batch["index"], batch["mode"]):
+        try:
+            views = preprocess(read_page(str(path), int(index)), str(mode), max_crops)
+            g = _to_u8(views.global_view)
+            t = _to_u8(views.tiles) if views.tiles is not None else np.zeros((0, 3, 0, 0), np.uint8)
+            grid, error = np.array(views.grid, np.int32), ""
+        except Exception as e:   # reported with the page's id; the other pages go on
+            g, t, grid, error = np.zeros((3, 0, 0), np.uint8), np.zeros((0, 3, 0, 0), np.uint8), np.zeros(2, np.int32), _describe(e)
+        for key, value in zip(out, (str(page_id), str(mode), g, t, grid, error)):
+            out[key].append(value)
+    return _columns(out)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _columns(out: dict) -> dict:
+    # ragged arrays go to Ray as lists of arrays (its variable-shaped tensor columns); same shapes stack
+    cols = {}
+    for key, values in out.items():
+        if values and isinstance(values[0], np.ndarray):
+            same = all(v.shape == values[0].shape for v in values)
+            cols[key] = np.stack(values) if same else values
+        else:
+            cols[key] = np.array(values, dtype=object)
+    return cols
+
+
+# ---- the encoder actor --------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderSpec:
+    """Builds the encoder inside each actor: ``weights`` (a checkpoint file or folder) or seeded
+    random weights; ``factory`` (a picklable callable returning a DeepEncoder) overrides both."""
+
+    weights: str | None = None
+    seed: int = 0
+    factory: Callable | None = None
+
+    def build(self):
+        if self.factory is not None:
+            return self.factory()
+        if self.weights is None:
+            from .profiler import random_encoder
+
+            return random_encoder(self.seed)
+        from .modules import DeepEncoder
+
+        enc = DeepEncoder()
+        enc.load_checkpoint(self.weights)
+        return enc
+
+
+class EncodeActor:
+    """One model per actor; ``__call__`` encodes a batch of preprocessed pages, packed."""
+
+    def __init__(self, spec: EncoderSpec, device: str | None = None, dtype: str = "auto"):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.enc = spec.build().to(self.device, getattr(torch, dtype)).eval()
+
+    def __call__(self, batch: dict) -> dict:
+        from .preprocess import Views
+
+        n = len(batch["page_id"])
+        errors = [str(e) for e in batch["error"]]
+        todo = [i for i in range(n) if not errors[i]]
+        views = {i: Views(_from_u8(batch["global_view"][i]),
+                          _from_u8(batch["tiles"][i]) if batch["tiles"][i].shape[0] else None,
+                          tuple(int(v) for v in batch["grid"][i])) for i in todo}
+        tokens: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            try:
+                if todo:
+                    tokens.update(zip(todo, self.enc.encode_views_packed([views[i] for i in todo])))
+            except Exception:   # find the page(s) at fault: each alone
+                for i in todo:
+                    try:
+                        tokens[i] = self.enc.encode_views(views[i])
+                    except Exception as e:
+                        errors[i] = _describe(e)
+        out = {"page_id": [], "mode": [], "tokens": [], "n_tokens": [], "dtype": [], "error": []}
+        for i in range(n):
+            t = tokens.get(i)
+            raw = t.contiguous().cpu().view(torch.uint8).numpy() if t is not None else np.zeros((0, 0), np.uint8)
+            for key, value in zip(out, (str(batch["page_id"][i]), str(batch["mode"][i]), raw,
+                                        0 if t is None else t.shape[0], "" if t is None else str(t.dtype).removeprefix("torch."),
+                                        errors[i])):
+                out[key].append(value)
+        return _columns(out)
+
+
+def tokens_of(row: dict) -> torch.Tensor:
+    """A result row's token tensor ``[n_tokens, dim]`` in the model's dtype."""
+    raw = np.array(row["tokens"], copy=True)   # Ray's batches are read-only views
+    return torch.from_numpy(raw).view(getattr(torch, str(row["dtype"]))).reshape(int(row["n_tokens"]), -1)
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+
+def build_dataset(pages: list[dict], spec: EncoderSpec, *, batch_size: int = 8, concurrency: int | None = None,
+                  num_gpus: float | None = None, device: str | None = None, dtype: str = "auto",
+                  max_crops: int = cfg.GUNDAM_MAX_CROPS, preprocess_cpus: float = 1):
+    """The Ray Data pipeline over page items that carry a ``mode``; lazy: nothing runs until consumed.
+    ``num_gpus`` per actor defaults to 1 when the cluster has GPUs, else 0 (CPU actors);
+    ``concurrency`` (actors) defaults to the cluster's GPUs, or 1 on CPU. A dead encoder actor is
+    restarted and its batch retried: Ray Data's actor pools default to ``max_restarts=-1``,
+    ``max_task_retries=-1`` (preprocessing tasks are retried as tasks)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if num_gpus is None:
+        num_gpus = 1 if gpus else 0
+    if concurrency is None:
+        concurrency = max(1, int(gpus // num_gpus)) if num_gpus else 1
+    ds = ray.data.from_items(pages)
+    ds = ds.map_batches(preprocess_batch, batch_size=1, fn_kwargs={"max_crops": max_crops}, num_cpus=preprocess_cpus)
+    return ds.map_batches(EncodeActor, fn_constructor_args=(spec, device, dtype), batch_size=batch_size,
+                          concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1)
+
+
+@dataclass
+class Summary:
+    pages: int
+    encoded: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)    # (page id, error)
+    duplicates: int = 0                                             # page ids that arrived twice (written once)
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.encoded / self.seconds if self.seconds else 0.0
+        return (f"{self.encoded}/{self.pages} pages encoded, {len(self.failed)} failed, {self.duplicates} duplicates dropped, "
+                f"{len(self.files)} file(s), {self.seconds:.1f} s ({rate:.2f} pages/s)")
+
+
+class _ShardWriter:
+    def __init__(self, out: Path, fmt: str, shard_pages: int):
+        self.out, self.fmt, self.shard_pages = out, fmt, shard_pages
+        self.rows: list[tuple[str, str, torch.Tensor]] = []
+        self.files: list[str] = []
+
+    def add(self, page_id: str, mode: str, tokens: torch.Tensor) -> None:
+        self.rows.append((page_id, mode, tokens))
+        if len(self.rows) >= self.shard_pages:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        path = self.out / f"tokens-{len(self.files):05d}.{self.fmt}"
+        if self.fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            meta = {"page_ids": json.dumps([p for p, _, _ in self.rows]), "modes": json.dumps({p: m for p, m, _ in self.rows})}
+            save_file({p: t.contiguous() for p, _, t in self.rows}, str(path), metadata=meta)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({
+                "page_id": [p for p, _, _ in self.rows], "mode": [m for _, m, _ in self.rows],
+                "n_tokens": [t.shape[0] for _, _, t in self.rows], "dim": [t.shape[1] for _, _, t in self.rows],
+                "dtype": [str(t.dtype).removeprefix("torch.") for _, _, t in self.rows],
+                "tokens": [t.contiguous().view(torch.uint8).numpy().tobytes() for _, _, t in self.rows],
+            })
+            pq.write_table(table, str(path))
+        self.files.append(str(path))
+        self.rows = []
+
+
+def encode_collection(source, output, mode="base", weights: str | None = None, *, encoder_factory: Callable | None = None,
+                      fmt: str = "safetensors", shard_pages: int = 256, batch_size: int = 8, concurrency: int | None = None,
+                      num_gpus: float | None = None, device: str | None = None, dtype: str = "auto",
+                      max_crops: int = cfg.GUNDAM_MAX_CROPS, object_store_limit: int | None = None,
+                      progress: bool | Callable[[str], None] = True, ray_address: str | None = None) -> Summary:
+    """Encode every page of ``source`` (folder, file or list) into ``output`` (a folder).
+
+    ``mode``: one mode for all pages, or a callable ``page_id -> mode``. Connects to the Ray cluster
+    at ``ray_address`` (or starts a local one) unless Ray is already initialised. Returns a
+    :class:`Summary`; failed pages are also in ``output/errors.jsonl``.
+    """
+    import ray
+
+    if fmt not in ("safetensors", "parquet"):
+        raise ValueError(f"fmt must be 'safetensors' or 'parquet', got {fmt!r}")
+    if not isinstance(shard_pages, int) or shard_pages < 1:
+        raise ValueError(f"shard_pages must be a positive int, got {shard_pages!r}")
+    pages = list_pages(source)
+    for page in pages:
+        page["mode"] = mode(page["page_id"]) if callable(mode) else mode
+        if page["mode"] not in cfg.MODES:
+            raise ValueError(f"mode must be one of {sorted(cfg.MODES)}, got {page['mode']!r} for {page['page_id']}")
+    say = progress if callable(progress) else (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    if object_store_limit is not None:
+        ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory = object_store_limit
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = EncoderSpec(weights=weights, factory=encoder_factory)
+    ds = build_dataset(pages, spec, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, device=device,
+                       dtype=dtype, max_crops=max_crops)
+    summary, writer, seen = Summary(pages=len(pages)), _ShardWriter(out, fmt, shard_pages), set()
+    start, last = time.perf_counter(), 0.0
+    with open(out / "errors.jsonl", "w") as errors:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["page_id"])):
+                row = {k: batch[k][i] for k in batch}
+                page_id = str(row["page_id"])
+                if page_id in seen:
+                    summary.duplicates += 1
+                    continue
+                seen.add(page_id)
+                if row["error"]:
+                    summary.failed.append((page_id, str(row["error"])))
+                    errors.write(json.dumps({"page_id": page_id, "error": str(row["error"])}) + "\n")
+                    say(f"page {page_id} failed: {row['error']}")
+                else:
+                    writer.add(page_id, str(row["mode"]), tokens_of(row))
+                    summary.encoded += 1
+            now = time.perf_counter() - start
+            if now - last >= 5 or len(seen) == len(pages):
+                last = now
+                say(f"[encode] {len(seen)}/{len(pages)} pages ({len(summary.failed)} failed), {len(seen) / max(now, 1e-9):.2f} pages/s")
+    writer.flush()
+    summary.files, summary.seconds = writer.files, time.perf_counter() - start
+    (out / "summary.json").write_text(json.dumps({**summary.__dict__, "failed": [list(f) for f in summary.failed]}, indent=1))
+    return summary
+
+
+def read_tokens(output) -> dict[str, torch.Tensor]:
+    """Every page's tokens in an ``encode_collection`` output folder (either format), by page id."""
+    found = {}
+    for path in sorted(Path(output).glob("tokens-*")):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            found.update(load_file(str(path)))
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for row in pq.read_table(str(path)).to_pylist():
+                t = torch.frombuffer(bytearray(row["tokens"]), dtype=torch.uint8).view(getattr(torch, row["dtype"]))
+                found[row["page_id"]] = t.reshape(row["n_tokens"], row["dim"])
+    return found

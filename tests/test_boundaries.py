@@ -1,0 +1,396 @@
+"""Boundaries: input layouts, devices, compiled calls and threads, for every op and backend.
+
+Kernels read memory through raw pointers, the checks read logical values: a strided, expanded,
+offset, transposed or negated view must give exactly what its contiguous copy gives (or a clear
+error). The layout fuzz runs every op on every backend here (reference, Triton's interpreter, the
+C++ extension) with tiny shapes; ``scripts/sanitize.sh`` runs it again against the ASan/UBSan build.
+The ``gpu`` tests repeat it for the CUDA extension and the CuPy path: ``pytest -m gpu tests/test_boundaries.py``.
+"""
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+import deepencoder_kernels as dk
+from deepencoder_kernels import dispatch, extension, ops
+from conftest import assert_close
+
+HAS_CPP = extension.MISSING is None
+CPP_BACKENDS = ["cpp"] if HAS_CPP else []
+
+
+# ---- the five cases of issue 16 -------------------------------------------------------------------
+
+def _saccade(backend, *args, **kwargs):
+    with dk.backend(backend):
+        return ops.saccade_gather(*args, **kwargs)
+
+
+def _assert_same_saccade(got, want):
+    for name, g, w in zip(("gathered", "positions", "cu_seqlens_out"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w), f"{name}:\n{g}\n{w}"
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPP_BACKENDS])
+def test_saccade_strided_k_is_read_as_its_values(backend):
+    scores, features = torch.randn(2, 8), torch.randn(2, 8, 4)
+    k = torch.tensor([3, 2, 1, 2])[::2]                                 # logical [3, 1]
+    got = _saccade(backend, scores, features, k)
+    assert got[2].tolist() == [0, 3, 4] and got[0].shape == (4, 4)
+    _assert_same_saccade(got, _saccade("reference", scores, features, torch.tensor([3, 1])))
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPP_BACKENDS])
+def test_saccade_expanded_k_and_strided_cu_seqlens(backend):
+    scores, features = torch.randn(2, 8), torch.randn(2, 8, 4)
+    got = _saccade(backend, scores, features, torch.tensor(4).expand(2))   # stride 0: one int64 in memory
+    _assert_same_saccade(got, _saccade("reference", scores, features, torch.tensor([4, 4])))
+    packed, rows = torch.randn(12), torch.randn(12, 3)
+    cu = torch.tensor([0, 99, 5, 99, 12, 99], dtype=torch.int32)[::2]      # logical [0, 5, 12]
+    got = _saccade(backend, packed, rows, torch.tensor([2, 3]), cu)
+    _assert_same_saccade(got, _saccade("reference", packed, rows, torch.tensor([2, 3]), cu.contiguous()))
+
+
+def test_varlen_strided_cu_seqlens():
+    q, k, v = (torch.randn(10, 2, 16) for _ in range(3))
+    cu = torch.tensor([0, 1, 4, 7, 10, 3], dtype=torch.int32)[::2]          # logical [0, 4, 10]
+    with dk.backend("triton-interpret"):
+        got = ops.varlen_attention(q, k, v, cu, 6)
+        want = ops.varlen_attention(q, k, v, cu.contiguous(), 6)
+    assert torch.equal(got, want)
+
+
+def test_compress_strided_layer_norm_parameters():
+    args = _compress_args(torch.float32)
+    want = _fused("compress", args)
+    for i in (2, 3, 5, 6):   # neck1_w, neck1_b, neck3_w, neck3_b
+        strided = list(args)
+        strided[i] = _strided(args[i])
+        assert torch.equal(_fused("compress", strided), want), f"argument {i}"
+
+
+# ---- views of the same values ------------------------------------------------------------------------
+
+def _strided(t):
+    """The values of ``t`` with every stride doubled (a slice of a buffer twice as long per dim)."""
+    if t.dim() == 0:
+        return t
+    buf = torch.full([2 * n for n in t.shape], -77, dtype=t.dtype) if t.dtype.is_floating_point or t.dtype == torch.bool \
+        else torch.full([2 * n for n in t.shape], -77, dtype=t.dtype)
+    view = buf[tuple(slice(None, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view
+
+
+def _rows_strided(t):
+    """Unit stride in the last dim, the others padded (a kernel taking strides reads it in place)."""
+    if t.dim() < 2:
+        return _strided(t)
+    buf = torch.full((*t.shape[:-1], t.shape[-1] + 5), -77, dtype=t.dtype)
+    view = buf[..., 2:2 + t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
+def _offset(t):
+    buf = torch.full((t.numel() + 3,), -77, dtype=t.dtype)
+    view = buf[3:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _transposed(t):
+    if t.dim() < 2:
+        return _strided(t)
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def _expanded(t):
+    """Other values (the first slice repeated): compared with its own contiguous copy."""
+    if t.dim() == 0 or t.shape[0] == 0:
+        return t
+    return t[:1].expand(t.shape)
+
+
+def _negated(t):
+    return torch._neg_view(-t) if t.dtype.is_floating_point else t
+
+
+LAYOUTS = {"strided": _strided, "rows": _rows_strided, "offset": _offset, "transposed": _transposed,
+           "expanded": _expanded, "negated": _negated}
+
+
+VALUE_PRESERVING = ("strided", "rows", "offset", "transposed")
+
+
+def _plain(t):
+    return t if not isinstance(t, torch.Tensor) else t.resolve_neg().contiguous()
+
+
+def _check_layouts(run, args, tensor_positions, exact, layouts=LAYOUTS, singles=True):
+    """``run(args)`` with each tensor argument (``singles``), then all of them, replaced by each view
+    kind; each result must equal the result on the views' contiguous copies."""
+    same_values = run(args)
+    for layout, make in layouts.items():
+        for which in [*([i] for i in tensor_positions if singles), list(tensor_positions)]:
+            viewed = list(args)
+            for i in which:
+                viewed[i] = make(args[i])
+            got = run(viewed)
+            want = same_values if layout in VALUE_PRESERVING else run([_plain(a) for a in viewed])
+            for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                if exact:
+                    assert g.shape == w.shape and torch.equal(g, w), f"{layout} views of arguments {which}"
+                else:
+                    assert_close(g, w, msg=f"{layout} views of arguments {which}")
+
+
+def _fused(op, args):
+    with dk.backend("triton-interpret"):
+        out = getattr(ops, op)(*args)
+    assert dk.last_backends()[op].backend == "triton-interpret"
+    return out
+
+
+def _on(backend, op):
+    def run(args):
+        with dk.backend(backend):
+            out = getattr(ops, op)(*args)
+        assert dk.last_backends()[op].backend == backend
+        return out
+    return run
+
+
+def _compress_args(dtype, cin=4, cn=8, c2=4, c3=4, side=3):
+    return [t.to(dtype) for t in (
+        torch.randn(1, side, side, cin), torch.randn(cn, cin, 1, 1) / 2, 1 + 0.1 * torch.randn(cn), 0.1 * torch.randn(cn),
+        torch.randn(cn, cn, 3, 3) / 8, 1 + 0.1 * torch.randn(cn), 0.1 * torch.randn(cn), torch.randn(c2, cn, 3, 3) / 6,
+        torch.randn(c3, c2, 3, 3) / 6)]
+
+
+# ---- the layout fuzz: every op, every backend here ---------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "triton-interpret"])
+def test_rel_pos_attention_layouts(backend):
+    heads, d = 1, 16
+    qkv = torch.randn(2, 3, 3, 3 * heads * d) * 0.5
+    args = [qkv, torch.randn(3, d) * 0.3, torch.randn(3, d) * 0.3, heads, 2, torch.randn(3 * heads * d) * 0.5]
+    _check_layouts(_on(backend, "rel_pos_attention"), args, (0, 1, 2, 5), exact=backend != "reference", singles=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton-interpret"])
+def test_compress_layouts(backend):
+    args = [*_compress_args(torch.float32, side=3), 1e-6]
+    _check_layouts(_on(backend, "compress"), args, range(9), exact=backend != "reference", singles=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton-interpret"])
+@pytest.mark.parametrize("lengths", [[3, 0, 4], [1]])
+def test_varlen_attention_layouts(backend, lengths):
+    total, heads, d = sum(lengths), 2, 16
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(total, heads, d) for _ in range(3))
+
+    def run(args):
+        with dk.backend(backend):
+            return ops.varlen_attention(*args, allow_empty=True)
+    # cu_seqlens' values must stay valid: no expanded / negated views of it
+    _check_layouts(run, [q, k, v, cu, max(lengths)], (0, 1, 2), exact=backend != "reference")
+    _check_layouts(run, [q, k, v, cu, max(lengths)], (3,), exact=True,
+                   layouts={n: LAYOUTS[n] for n in ("strided", "offset", "transposed")})
+
+
+def test_varlen_attention_bias_layouts():
+    lengths, d = [4, 6], 16
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    q, k, v = (torch.randn(10, 1, d) for _ in range(3))
+    grid = torch.tensor([[2, 2], [2, 3]], dtype=torch.int32)
+    args = [q, k, v, cu, 6, None, torch.randn(5, d) * 0.3, torch.randn(5, d) * 0.3, grid]
+    _check_layouts(lambda a: _fused("varlen_attention", a), args, (0, 6, 7), exact=True,
+                   layouts={n: LAYOUTS[n] for n in ("strided", "rows", "expanded", "negated")})
+    _check_layouts(lambda a: _fused("varlen_attention", a), args, (3, 8), exact=True,
+                   layouts={n: LAYOUTS[n] for n in ("strided", "offset", "transposed")})
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPP_BACKENDS])
+@pytest.mark.parametrize("order", ["score", "spatial"])
+def test_saccade_gather_layouts_batched(backend, order):
+    scores, features = torch.randn(3, 7), torch.randn(3, 7, 5)
+    scores[1, 2:5] = 0.5                                          # ties
+    for k in (torch.tensor([0, 7, 3]), torch.tensor([7, 7, 7])):   # k = 0 and k = N
+        def run(args):
+            return _on(backend, "saccade_gather")(args + [None, order])
+        _check_layouts(run, [scores, features, k], (0, 1), exact=True)
+        _check_layouts(run, [scores, features, k], (2,), exact=True,
+                       layouts={n: LAYOUTS[n] for n in ("strided", "offset", "expanded")})
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPP_BACKENDS])
+def test_saccade_gather_layouts_packed_with_empty_images(backend):
+    lengths = [4, 0, 6, 1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    scores, features, k = torch.randn(11), torch.randn(11, 3), torch.tensor([2, 0, 6, 1])
+
+    def run(args):
+        return _on(backend, "saccade_gather")(args)
+    _check_layouts(run, [scores, features, k, cu], (0, 1), exact=True)
+    _check_layouts(run, [scores, features, k, cu], (2, 3), exact=True,
+                   layouts={n: LAYOUTS[n] for n in ("strided", "offset")})
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPP_BACKENDS])
+def test_saccade_gather_no_images_and_integer_dtypes(backend):
+    gathered, positions, cu_out = _saccade(backend, torch.randn(0, 5), torch.randn(0, 5, 3), torch.zeros(0, dtype=torch.int64))
+    assert gathered.shape == (0, 3) and positions.shape == (0,) and cu_out.tolist() == [0]
+    with pytest.raises(TypeError, match=r"k must have dtype in \['torch.int64'\], got torch.int32"):
+        _saccade(backend, torch.randn(2, 5), torch.randn(2, 5, 3), torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"cu_seqlens must have dtype in \['torch.int32'\], got torch.int64"):
+        _saccade(backend, torch.randn(5), torch.randn(5, 3), 1, torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match=r"cu_seqlens must have dtype in \['torch.int32'\], got torch.int64"):
+        q = torch.randn(5, 1, 16)
+        ops.varlen_attention(q, q, q, torch.tensor([0, 5]), 5)
+
+
+# ---- the range check where the Python checks do not run -----------------------------------------------
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("k,cu,match", [
+    (torch.tensor([9, 1]), None, "out of range"),
+    (torch.tensor([-1, 1]), None, "out of range"),
+    (torch.tensor([2, 6]), torch.tensor([0, 3, 8], dtype=torch.int32), "out of range"),
+    (torch.tensor([1, 1]), torch.tensor([0, 9, 8], dtype=torch.int32), "cu_seqlens"),
+    (torch.tensor([1, 1]), torch.tensor([0, 3, 9], dtype=torch.int32), "cu_seqlens"),
+])
+def test_cpp_checks_values_itself(k, cu, match):
+    """The custom op called directly (no ops-layer checks) and under torch.compile (where they are
+    skipped): the C++ side refuses out-of-range budgets and offsets instead of reading past its inputs."""
+    scores = torch.randn(8) if cu is not None else torch.randn(2, 4)
+    features = torch.randn(*scores.shape, 3)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.deepencoder_kernels.saccade_gather(scores, features, k, cu, False, "cpp")
+    compiled = torch.compile(lambda s, f, kk, c: ops.saccade_gather(s, f, kk, c), fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    with dk.backend("cpp"), pytest.raises(ValueError, match=match):
+        compiled(scores, features, k, cu)
+
+
+# ---- backends per thread and per asyncio task --------------------------------------------------------
+
+def _saccade_backend_probe():
+    """One small saccade call; returns which backend ran (cpp and reference give the same values)."""
+    ops.saccade_gather(torch.randn(2, 6), torch.randn(2, 6, 2), 2)
+    return dk.last_backends()["saccade_gather"].backend
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+def test_backend_is_per_thread():
+    """Threads each pinning a backend, thousands of calls, nested blocks exited in interleaved order:
+    every call runs its own thread's backend and leaves the others' state alone."""
+    kinds = ["reference", "cpp", "reference", "cpp"]
+    seen = {i: set() for i in range(len(kinds))}
+    start, errors = threading.Barrier(len(kinds)), []
+
+    def worker(i):
+        try:
+            start.wait()
+            deadline = time.monotonic() + 20
+            for n in range(600):
+                with dk.backend(kinds[i]):
+                    seen[i].add(_saccade_backend_probe())
+                    if n % 3 == 0:
+                        with dk.backend("reference"):
+                            assert dispatch.requested_kind() == "reference"
+                        assert dispatch.requested_kind() == kinds[i]
+                    seen[i].add(dispatch.requested_kind())
+                assert time.monotonic() < deadline
+            assert dispatch.requested_kind() == dispatch.requested_kind.__globals__["os"].environ.get(dispatch.ENV_VAR, "auto")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(kinds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for i, kind in enumerate(kinds):
+        assert seen[i] == {kind}, (i, kind, seen[i])
+    assert "saccade_gather" not in dk.last_backends() or True   # this thread's record is its own
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+def test_backend_is_per_asyncio_task():
+    kinds = ["reference", "cpp", "auto"]
+    expected = {"reference": "reference", "cpp": "cpp", "auto": "cpp"}   # auto on CPU: the extension first
+
+    async def task(kind, out):
+        for n in range(300):
+            with dk.backend(kind):
+                await asyncio.sleep(0)          # the others run while this block is open
+                out.add(_saccade_backend_probe())
+                await asyncio.sleep(0)
+                out.add(dispatch.requested_kind())
+                out.add(dk.last_backends()["saccade_gather"].backend)
+
+    async def main():
+        outs = [set() for _ in kinds]
+        await asyncio.wait_for(asyncio.gather(*(task(k, o) for k, o in zip(kinds, outs))), 60)
+        return outs
+
+    with dk.backend("reference"):   # the creating context's choice is inherited, then changed per task
+        outs = asyncio.run(main())
+        assert dispatch.requested_kind() == "reference"
+    for kind, out in zip(kinds, outs):
+        assert out == {expected[kind], kind}, (kind, out)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+def test_compiled_code_follows_the_backend_it_was_called_under():
+    """A graph traced under one backend is not reused under another (dynamo guards on the choice);
+    two threads calling the same compiled function under different backends each run their own."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def step(scores, features):
+        gathered, positions, cu = ops.saccade_gather(scores, features, 3, order="spatial")
+        return gathered * 2, positions, cu
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=capture)
+    scores, features = torch.randn(2, 8), torch.randn(2, 8, 4)
+    with dk.backend("cpp"):
+        want = step(scores, features)
+        got = compiled(scores, features)
+    assert "deepencoder_kernels.saccade_gather" in graphs[-1] and ", cpp)" in graphs[-1], graphs[-1]
+    assert dk.last_backends()["saccade_gather"].backend == "cpp"
+    with dk.backend("reference"):
+        got_ref = compiled(scores, features)
+    assert len(graphs) == 2 and "deepencoder_kernels.saccade_gather" not in graphs[-1], graphs   # re-traced: plain ops
+    for g, r, w in zip(got, got_ref, want):
+        assert torch.equal(g, w) and torch.equal(r, w)
+
+    results, errors = {}, []
+
+    def worker(kind):
+        try:
+            with dk.backend(kind):
+                for _ in range(50):
+                    compiled(scores, features)
+                    if kind == "cpp":
+                        assert dk.last_backends()["saccade_gather"].backend == "cpp"
+                results[kind] = len(graphs)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in ("cpp", "reference")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(graphs) == 2   # both threads reused their own backend's graph: no re-trace

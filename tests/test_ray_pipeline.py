@@ -1,0 +1,154 @@
+"""deepencoder_kernels.ray: the Ray Data pipeline on a local Ray cluster (2 CPUs), with the narrow
+test encoder. Tokens equal the plain encode page by page; a failing page (unreadable, or failing
+inside the encoder) is reported with its id while the rest go on; a worker killed mid-run loses and
+duplicates nothing (Ray restarts the actor and retries its batch)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import deepencoder_kernels as dk
+from conftest import assert_close, small_encoder
+from deepencoder_kernels.preprocess import preprocess
+from deepencoder_kernels import ray as dkray
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_pages(folder: Path, n: int) -> dict[str, str]:
+    """n small rendered pages (odd sizes) -> {page_id: mode}, alternating Tiny and Small."""
+    folder.mkdir(parents=True, exist_ok=True)
+    modes = {}
+    for i in range(n):
+        dk.render_document_page(280 + 37 * i, 400 - 11 * i, seed=i).save(folder / f"page{i}.png")
+        modes[f"page{i}.png"] = "tiny" if i % 2 else "small"
+    return modes
+
+
+class FailsOnBlankPages(nn.Module):
+    """The test encoder, refusing pages whose global view is one flat colour (an encoder-side failure)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = small_encoder()
+
+    @staticmethod
+    def _check(views):
+        if views.global_view.min() == views.global_view.max():
+            raise ValueError("blank page")
+
+    def encode_views(self, views):
+        self._check(views)
+        return self.enc.encode_views(views)
+
+    def encode_views_packed(self, batch):
+        for views in batch:
+            self._check(views)
+        return self.enc.encode_views_packed(batch)
+
+
+class KillOnce(nn.Module):
+    """The test encoder, whose process dies (os._exit) on its first batch unless ``marker`` exists."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.enc, self.marker = small_encoder(), marker
+
+    def encode_views_packed(self, batch):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return self.enc.encode_views_packed(batch)
+
+    def encode_views(self, views):
+        return self.enc.encode_views(views)
+
+
+class KillOnceFactory:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __call__(self):
+        return KillOnce(self.marker)
+
+
+# ---- without Ray -----------------------------------------------------------------------------
+
+
+def test_views_travel_as_uint8_bit_exactly(tmp_path):
+    dk.render_document_page(900, 700, seed=3).save(tmp_path / "p.png")
+    views = preprocess(str(tmp_path / "p.png"), "gundam")
+    assert views.tiles is not None
+    for pixels in (views.global_view, views.tiles):
+        assert torch.equal(dkray._from_u8(dkray._to_u8(pixels)), pixels)
+
+
+def test_list_pages_and_argument_errors(tmp_path):
+    make_pages(tmp_path / "a" / "sub", 2)
+    (tmp_path / "a" / "notes.txt").write_text("not a page")
+    pages = dkray.list_pages(tmp_path / "a")
+    assert [p["page_id"] for p in pages] == ["sub/page0.png", "sub/page1.png"] and all(p["index"] == -1 for p in pages)
+    assert [p["page_id"] for p in dkray.list_pages([tmp_path / "a" / "sub" / "page1.png"])][0].endswith("sub/page1.png")
+    with pytest.raises(FileNotFoundError, match="source: no such file"):
+        dkray.list_pages(tmp_path / "missing")
+    with pytest.raises(ValueError, match="share a page id"):
+        dkray.list_pages([tmp_path / "a" / "sub" / "page0.png"] * 2)
+    with pytest.raises(ValueError, match="fmt must be"):
+        dkray.encode_collection(tmp_path / "a", tmp_path / "out", fmt="npz")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        dkray.encode_collection(tmp_path / "a", tmp_path / "out", mode="huge")
+
+
+# ---- on a local Ray cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]' (or '.[test]') to run these")
+    # workers import this file's encoders (and conftest's) by module name
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}})
+    yield ray
+    ray.shutdown()
+
+
+def test_tokens_equal_plain_encode_and_failures_are_reported(local_ray, tmp_path):
+    modes = make_pages(tmp_path / "pages", 4)
+    (tmp_path / "pages" / "broken.png").write_text("not an image")                      # fails in preprocessing
+    Image.new("RGB", (300, 300), "white").save(tmp_path / "pages" / "blank.png")      # fails in the encoder
+    modes.update({"broken.png": "tiny", "blank.png": "small"})
+    lines = []
+    summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=modes.__getitem__,
+                                      encoder_factory=FailsOnBlankPages, batch_size=3, concurrency=1, progress=lines.append)
+    assert summary.pages == 6 and summary.encoded == 4 and summary.duplicates == 0, summary
+    failed = dict(summary.failed)
+    assert set(failed) == {"broken.png", "blank.png"}
+    assert "UnidentifiedImageError" in failed["broken.png"] and "ValueError: blank page" in failed["blank.png"]
+    assert (tmp_path / "out" / "errors.jsonl").read_text().count("page_id") == 2
+    assert any("6/6 pages (2 failed)" in line for line in lines), lines
+    got = dkray.read_tokens(tmp_path / "out")
+    assert sorted(got) == [f"page{i}.png" for i in range(4)]
+    enc = small_encoder()
+    for page_id, tokens in got.items():
+        want = enc.encode(str(tmp_path / "pages" / page_id), modes[page_id])[0]
+        assert tokens.shape == want.shape and tokens.dtype == torch.float32, page_id
+        assert_close(tokens, want, torch.float32, msg=page_id)
+
+
+def test_killed_worker_loses_and_duplicates_nothing(local_ray, tmp_path):
+    modes = make_pages(tmp_path / "pages", 6)
+    marker = tmp_path / "killed"
+    summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=modes.__getitem__, fmt="parquet",
+                                      shard_pages=4, encoder_factory=KillOnceFactory(str(marker)), batch_size=2,
+                                      concurrency=1, progress=False)
+    assert marker.exists(), "the encoder process was never killed"
+    assert (summary.encoded, summary.failed, summary.duplicates) == (6, [], 0), summary
+    assert len(summary.files) == 2 and all(f.endswith(".parquet") for f in summary.files)
+    got = dkray.read_tokens(tmp_path / "out")
+    assert sorted(got) == sorted(modes)
+    enc = small_encoder()
+    for page_id in ("page0.png", "page5.png"):
+        assert_close(got[page_id], enc.encode(str(tmp_path / "pages" / page_id), modes[page_id])[0], torch.float32)
