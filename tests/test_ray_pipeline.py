@@ -102,6 +102,21 @@ def test_list_pages_and_argument_errors(tmp_path):
         dkray.encode_collection(tmp_path / "a", tmp_path / "out", mode="huge")
 
 
+def test_command_line_passes_the_options_through(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake(source, out, mode, weights, **kw):
+        seen.update(source=source, out=out, mode=mode, weights=weights, **kw)
+        return dkray.Summary(pages=3, encoded=2, failed=[("x.png", "ValueError: bad")])
+
+    monkeypatch.setattr(dkray, "encode_collection", fake)
+    code = dkray.main(["a/", "b.png", "--out", str(tmp_path), "--mode", "gundam", "--format", "parquet",
+                       "--batch-size", "4", "--concurrency", "2", "--num-gpus", "0.5", "--max-crops", "6"])
+    assert code == 1 and "2/3 pages encoded, 1 failed" in capsys.readouterr().out
+    assert seen == dict(source=["a/", "b.png"], out=str(tmp_path), mode="gundam", weights=None, fmt="parquet",
+                        shard_pages=256, batch_size=4, concurrency=2, num_gpus=0.5, max_crops=6, ray_address=None)
+
+
 # ---- on a local Ray cluster ------------------------------------------------------------------
 
 

@@ -368,3 +368,41 @@ def read_tokens(output) -> dict[str, torch.Tensor]:
                 t = torch.frombuffer(bytearray(row["tokens"]), dtype=torch.uint8).view(getattr(torch, row["dtype"]))
                 found[row["page_id"]] = t.reshape(row["n_tokens"], row["dim"])
     return found
+
+
+def add_arguments(parser) -> None:
+    """The pipeline's options, shared by ``python -m deepencoder_kernels.ray`` and ``encode --ray``."""
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--format", dest="fmt", default="safetensors", choices=["safetensors", "parquet"])
+    parser.add_argument("--shard-pages", type=int, default=256, help="pages per output file")
+    parser.add_argument("--batch-size", type=int, default=8, help="pages per packed encoder batch")
+    parser.add_argument("--concurrency", type=int, help="encoder actors (default: one per GPU, 1 on CPU)")
+    parser.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
+    parser.add_argument("--max-crops", type=int, default=cfg.GUNDAM_MAX_CROPS, help="Gundam tile budget (vLLM's config: 6)")
+
+
+def run_from_args(args) -> int:
+    summary = encode_collection(args.source, args.out, args.mode, args.weights, fmt=args.fmt, shard_pages=args.shard_pages,
+                                batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
+                                max_crops=args.max_crops, ray_address=args.ray_address)
+    print(summary)
+    return 1 if summary.failed else 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m deepencoder_kernels.ray", description=__doc__.split("\n")[0])
+    parser.add_argument("source", nargs="+", help="folders, image files or PDFs")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--mode", default="base", choices=sorted(cfg.MODES))
+    parser.add_argument("--weights", help="DeepSeek-OCR safetensors file or folder (default: seeded random weights)")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    # run the importable module's main, so Ray pickles its classes by reference, not from __main__
+    from deepencoder_kernels.ray import main as _main
+
+    sys.exit(_main())
