@@ -394,3 +394,133 @@ def test_compiled_code_follows_the_backend_it_was_called_under():
         t.join(60)
     assert not errors, errors
     assert len(graphs) == 2   # both threads reused their own backend's graph: no re-trace
+
+
+# ---- the CUDA extension's real host code (csrc/saccade_gather.cu), on the CPU ---------------------------
+#
+# tests/cuda_emulation/saccade_host_emulated.cpp compiles the launcher unchanged against a stand-in
+# CUDA runtime (host memory tagged with device indexes, a current device, a log of launches) and
+# the block model that runs the kernels; the Python side is the op's own run_extension.
+
+import ctypes  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from deepencoder_kernels import reference  # noqa: E402
+import importlib  # noqa: E402
+
+sg = importlib.import_module("deepencoder_kernels.ops.saccade_gather")   # the module (ops.saccade_gather is the op)
+
+ROOT = Path(__file__).resolve().parents[1]
+STREAM = 0x5EED   # a stream handle the launcher must pass through untouched
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is not installed (CI has it)")
+    lib = tmp_path_factory.mktemp("emu") / "saccade_host_emulated.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'cuda_emulation'}",
+           *__import__("os").environ.get("DEEPENCODER_KERNELS_EMULATION_FLAGS", "").split(),
+           str(ROOT / "tests" / "cuda_emulation" / "saccade_host_emulated.cpp"), "-o", str(lib)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    so = ctypes.CDLL(str(lib))
+    c = ctypes
+    so.emu_saccade_gather_cuda.restype = c.c_int
+    so.emu_saccade_gather_cuda.argtypes = [c.c_void_p, c.c_int, c.c_void_p, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_int64,
+                                           c.c_void_p, c.c_int64, c.c_bool, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
+                                           c.c_void_p, c.c_int]
+    so.emu_register.argtypes = [c.c_size_t, c.c_uint64, c.c_int]
+    so.emu_event_stream.restype = c.c_size_t
+    return so
+
+
+def _events(so):
+    out = []
+    for i in range(so.emu_event_count()):
+        kind, device, blocks = ctypes.c_int(), ctypes.c_int(), ctypes.c_uint()
+        so.emu_event(i, ctypes.byref(kind), ctypes.byref(device), ctypes.byref(blocks))
+        out.append(("launch" if kind.value == 0 else "memset", device.value, so.emu_event_stream(i), blocks.value))
+    return out
+
+
+def _on_emulated_device(so, device, *elsewhere):
+    """All memory counts as ``device``'s, except ``elsewhere``: tensors on the other device."""
+    so.emu_reset(0, 2)
+    so.emu_register(0, 2**63, device)
+    for t in elsewhere:
+        so.emu_register(t.data_ptr(), max(t.numel() * t.element_size(), 1), 1 - device)
+
+
+def _emulated_op(so, device, scores, features, k, cu=None, spatial=False):
+    launch = lambda *call: so.emu_saccade_gather_cuda(*call, STREAM, device)  # noqa: E731
+    return sg.run_extension(scores, features, k, cu, spatial, launch, checks_values=False)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_cuda_host_launcher_device_stream_and_results(host, spatial):
+    lengths = [5, 0, 300, 1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    scores, features = torch.randn(sum(lengths)).to(torch.float16), torch.randn(sum(lengths), 7).to(torch.float16)
+    k = torch.tensor([5, 0, 257, 0])
+    _on_emulated_device(host, 1)
+    got = _emulated_op(host, 1, _strided(scores), _transposed(features), _strided(k), _strided(cu), spatial)
+    _assert_same_saccade(got, reference.saccade_gather(scores, features, k, cu, spatial))
+    events = _events(host)
+    assert [e[0] for e in events] == ["launch", "launch"] and events[0][3] == 4
+    assert all(device == 1 and stream == STREAM for _, device, stream, _ in events), events   # on the tensors' device
+    assert host.emu_current_device() == 0                                                  # the caller's device back
+
+
+def test_cuda_host_launcher_batched_k_zero_and_n(host):
+    scores, features, k = torch.randn(3, 40), torch.randn(3, 40, 16), torch.tensor([0, 40, 13])
+    _on_emulated_device(host, 0)
+    _assert_same_saccade(_emulated_op(host, 0, scores, features, k), reference.saccade_gather(scores, features, k))
+
+
+def test_cuda_host_launcher_no_images_writes_cu_seqlens_out(host):
+    _on_emulated_device(host, 1)
+    cu_out = torch.full((1,), -1, dtype=torch.int32)
+    empty = torch.empty(0, dtype=torch.int64)
+    status = host.emu_saccade_gather_cuda(0, 0, 0, 5, empty.data_ptr(), 0, 0, 0, 0, 12, False, 0, 0, 0, cu_out.data_ptr(), STREAM, 1)
+    assert status == 0 and cu_out.tolist() == [0]
+    assert _events(host) == [("memset", 1, STREAM, 0)] and host.emu_current_device() == 0
+    got = _emulated_op(host, 1, torch.randn(0, 5), torch.randn(0, 5, 3), empty)
+    assert got[2].tolist() == [0] and got[0].shape == (0, 3)
+
+
+def test_cuda_host_launcher_refuses_mixed_devices_and_bad_device(host):
+    scores, features, k = torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor([3, 1])
+    for foreign in (scores, features, k):
+        _on_emulated_device(host, 0, foreign)
+        with pytest.raises(ValueError, match="not memory of"):
+            _emulated_op(host, 0, scores, features, k)
+        assert [e for e in _events(host) if e[0] == "launch"] == []     # refused before any launch
+    _on_emulated_device(host, 0)
+    with pytest.raises(RuntimeError, match="cudaError 101"):
+        _emulated_op(host, 5, scores, features, k)                      # no such device
+    assert host.emu_current_device() == 0
+
+
+def test_cuda_host_checks_budgets_and_kernel_clamps_them(host):
+    """The values are checked with the one host read that sizes the outputs (so also under
+    torch.compile); and the kernel itself never selects past an image when handed k > N or k < 0."""
+    scores, features = torch.randn(2, 8), torch.randn(2, 8, 4)
+    _on_emulated_device(host, 0)
+    for k in (torch.tensor([9, 1]), torch.tensor([-1, 1])):
+        with pytest.raises(ValueError, match="out of range"):
+            _emulated_op(host, 0, scores, features, k)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal"):
+        _emulated_op(host, 0, torch.randn(8), torch.randn(8, 4), torch.tensor([1, 1]), torch.tensor([0, 3, 9], dtype=torch.int32))
+    # straight to the launcher, no host checks: budgets clamped to [0, N_b]
+    k = torch.tensor([9, -3])
+    gathered, positions, sources = torch.empty(8, 4), torch.empty(8, dtype=torch.int64), torch.empty(8, dtype=torch.int64)
+    cu_out = torch.full((3,), -1, dtype=torch.int32)
+    status = host.emu_saccade_gather_cuda(scores.data_ptr(), 0, 0, 8, k.data_ptr(), 2, 16, 8, features.data_ptr(), 16, False,
+                                          gathered.data_ptr(), positions.data_ptr(), sources.data_ptr(), cu_out.data_ptr(), STREAM, 0)
+    want = reference.saccade_gather(scores, features, torch.tensor([8, 0]))
+    assert status == 0 and cu_out.tolist() == [0, 8, 8]
+    assert torch.equal(positions, want[1]) and torch.equal(gathered, want[0])
