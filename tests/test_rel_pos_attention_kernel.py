@@ -1,4 +1,5 @@
-"""The fused rel-pos attention kernel (Triton interpreter on CPU) against the reference."""
+"""The fused rel-pos attention kernel against the reference: in Triton's interpreter on CPU at small
+shapes that hit every edge, and compiled on CUDA (`pytest -m gpu`) at the real DeepEncoder shapes."""
 import contextlib
 
 import pytest
@@ -7,12 +8,17 @@ import torch
 import deepencoder_kernels as dk
 from deepencoder_kernels import reference as ref
 from deepencoder_kernels.modules.sam import SamBlock, SamEncoder
-from conftest import assert_close
+from conftest import assert_close, by_device, fused_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def make_inputs(B, H, W, heads, d, window, dtype, table_rows=None, nan_margin=False):
+# Real shapes: every mode's trunk grid (Tiny 32, Small / Gundam tiles 40, Base 64, Large 80), 12 heads
+# of 64, windowed (14, tables of 27 rows) and global (tables of 127 rows, resized per grid), batch 1 and 8.
+REAL_GRIDS = [32, 40, 64, 80]
+
+
+def make_inputs(B, H, W, heads, d, window, dtype, table_rows=None, nan_margin=False, device="cpu"):
     C = heads * d
     rows = table_rows or 2 * (window or max(H, W)) - 1
     qkv = torch.randn(B, H, W, 3 * C) * 0.5
@@ -20,79 +26,90 @@ def make_inputs(B, H, W, heads, d, window, dtype, table_rows=None, nan_margin=Fa
         # a view into a NaN-filled buffer: any read outside the real grid or channels turns to NaN
         big = torch.full((B, H + 2, W + 3, 3 * C + 16), float("nan"))
         big[:, :H, :W, : 3 * C] = qkv
-        qkv = big[:, :H, :W, : 3 * C]
+        qkv = big.to(device, dtype)[:, :H, :W, : 3 * C]   # the view made on the device (.to would copy it dense)
     tables = [torch.randn(rows, d) * 0.3 for _ in range(2)]
     pad = torch.randn(3 * C) * 0.5 if window else None
-    return qkv.to(dtype), tables[0].to(dtype), tables[1].to(dtype), pad.to(dtype) if pad is not None else None
+    put = lambda t: t.to(device, dtype)  # noqa: E731  (made on the CPU: same values on every device)
+    return put(qkv), put(tables[0]), put(tables[1]), put(pad) if pad is not None else None
 
 
 def fused(*args):
-    with dk.backend("triton-interpret"):
+    backend = fused_backend(args[0].device)
+    with dk.backend(backend):
         out = dk.ops.rel_pos_attention(*args)
-    assert dk.last_backends()["rel_pos_attention"].backend == "triton-interpret"
+    assert dk.last_backends()["rel_pos_attention"].backend == backend
     return out
 
 
-def check(B, H, W, heads, d, window, dtype, **kw):
-    qkv, th, tw, pad = make_inputs(B, H, W, heads, d, window, dtype, **kw)
+def check(B, H, W, heads, d, window, dtype, device="cpu", **kw):
+    qkv, th, tw, pad = make_inputs(B, H, W, heads, d, window, dtype, device=device, **kw)
     out = fused(qkv, th, tw, heads, window, pad)
     up = lambda t: None if t is None else t.float()  # noqa: E731
-    want = ref.rel_pos_attention(up(qkv), up(th), up(tw), heads, window, up(pad))
+    # the reference one image at a time: its dense bias at Large's global grid is 2 GB per image
+    want = torch.cat([ref.rel_pos_attention(up(qkv[b:b + 1]), up(th), up(tw), heads, window, up(pad)) for b in range(B)])
     assert out.dtype == dtype and out.shape == (B, H, W, heads * d)
     assert_close(out, want, dtype, msg=f"B={B} grid={H}x{W} heads={heads} d={d} window={window}")
     return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,W,window", [
-    (1, 16, 16, 14),     # 14x14 windows over a 16 grid: 3 of 4 windows padded (like 64 -> 70)
-    (2, 14, 14, 14),     # exactly one window, no padding, batch 2
-    (1, 18, 30, 14),     # non-square grid, padded on both sides
-    (1, 9, 9, 4),        # small windows: partial q and k tiles
-    (2, 5, 7, 3),
-])
-def test_windowed_matches_reference(B, H, W, window, dtype):
-    check(B, H, W, 2, 64, window, dtype)
+@pytest.mark.parametrize("device,B,H,W,window,heads", by_device([
+    (1, 16, 16, 14, 2),     # 14x14 windows over a 16 grid: 3 of 4 windows padded (like 64 -> 70)
+    (2, 14, 14, 14, 2),     # exactly one window, no padding, batch 2
+    (1, 18, 30, 14, 2),     # non-square grid, padded on both sides
+    (1, 9, 9, 4, 2),        # small windows: partial q and k tiles
+    (2, 5, 7, 3, 2),
+], [(B, s, s, 14, 12) for s in REAL_GRIDS for B in (1, 8)], ids=lambda c: f"B{c[0]}-{c[1]}x{c[2]}-w{c[3]}"))
+def test_windowed_matches_reference(device, B, H, W, window, heads, dtype):
+    check(B, H, W, heads, 64, window, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,W", [
-    (1, 8, 8),           # scaled-down square grid
-    (2, 10, 10),         # 40 -> scaled; partial tiles, batch 2
-    (1, 5, 7),           # non-square, odd
-    (1, 1, 1),           # one token
-    (1, 12, 20),
-])
-def test_global_matches_reference(B, H, W, dtype):
-    check(B, H, W, 2, 64, 0, dtype)
+@pytest.mark.parametrize("device,B,H,W,heads,table_rows", by_device([
+    (1, 8, 8, 2, None),           # scaled-down square grid
+    (2, 10, 10, 2, None),         # 40 -> scaled; partial tiles, batch 2
+    (1, 5, 7, 2, None),           # non-square, odd
+    (1, 1, 1, 2, None),           # one token
+    (1, 12, 20, 2, None),
+], [(B, s, s, 12, 127) for s in REAL_GRIDS for B in (1, 8)], ids=lambda c: f"B{c[0]}-{c[1]}x{c[2]}"))
+def test_global_matches_reference(device, B, H, W, heads, table_rows, dtype):
+    check(B, H, W, heads, 64, 0, dtype, device, table_rows=table_rows)
 
 
+EDGE_DEVICES = by_device([()], [()], ids=lambda c: "edge")   # edge cases: the same small shapes on both
+
+
+@pytest.mark.parametrize("device", EDGE_DEVICES)
 @pytest.mark.parametrize("H,W", [(40, 40), (65, 3)])
-def test_global_real_table_sizes(H, W):
+def test_global_real_table_sizes(device, H, W):
     """The on-chip table paths at real sizes: LP 128 (40 grid: 79 rows) and LP 256 (65 rows: 129)."""
-    check(1, H, W, 1, 64, 0, torch.bfloat16)
+    check(1, H, W, 1, 64, 0, torch.bfloat16, device)
 
 
-def test_global_resizes_tables_for_other_grids():
+@pytest.mark.parametrize("device", EDGE_DEVICES)
+def test_global_resizes_tables_for_other_grids(device):
     """A [127, d] table (64-grid block) on a 10x10 grid is resized to 19 rows, as upstream does."""
-    qkv, th, tw, _ = make_inputs(1, 10, 10, 1, 64, 0, torch.float32, table_rows=127)
+    qkv, th, tw, _ = make_inputs(1, 10, 10, 1, 64, 0, torch.float32, table_rows=127, device=device)
     assert_close(fused(qkv, th, tw, 1, 0, None), ref.rel_pos_attention(qkv, th, tw, 1, 0))
 
 
+@pytest.mark.parametrize("device", EDGE_DEVICES)
 @pytest.mark.parametrize("d", [16, 32, 128])
-def test_other_head_dims(d):
-    check(1, 6, 6, 2, d, 4, torch.float32)
+def test_other_head_dims(device, d):
+    check(1, 6, 6, 2, d, 4, torch.float32, device)
 
 
+@pytest.mark.parametrize("device", EDGE_DEVICES)
 @pytest.mark.parametrize("window", [0, 4])
-def test_no_out_of_bounds_reads(window):
+def test_no_out_of_bounds_reads(device, window):
     """Inputs are views into NaN-filled buffers: a read outside the real tokens would show."""
-    out = check(1, 7, 9, 2, 32, window, torch.float32, nan_margin=True)
+    out = check(1, 7, 9, 2, 32, window, torch.float32, device, nan_margin=True)
     assert not out.isnan().any()
 
 
-def test_repeat_runs_are_bitwise_identical():
-    qkv, th, tw, pad = make_inputs(1, 9, 9, 2, 64, 4, torch.bfloat16)
+@pytest.mark.parametrize("device", EDGE_DEVICES)
+def test_repeat_runs_are_bitwise_identical(device):
+    qkv, th, tw, pad = make_inputs(1, 9, 9, 2, 64, 4, torch.bfloat16, device=device)
     assert torch.equal(fused(qkv, th, tw, 2, 4, pad), fused(qkv, th, tw, 2, 4, pad))
 
 
@@ -113,22 +130,25 @@ def test_autograd_runs_the_fused_backend():
     assert qkv.grad is not None
 
 
+@pytest.mark.parametrize("device", EDGE_DEVICES)
 @pytest.mark.parametrize("window", [14, 0])
-def test_sam_block_with_fused_attention(window):
+def test_sam_block_with_fused_attention(device, window):
     torch.manual_seed(0)
     blk = SamBlock(128, 2, window, window or 16).eval()
     with torch.no_grad():
         for p in blk.parameters():
             p.normal_(0, 0.1)
-    x = torch.randn(1, 16, 16, 128)
+    blk.to(device)
+    x = torch.randn(1, 16, 16, 128).to(device)
     with torch.no_grad():
         want = blk(x)
-        with dk.backend("triton-interpret"):
+        with dk.backend(fused_backend(device)):
             got = blk(x)
     assert_close(got, want, torch.float32)
 
 
-def test_small_sam_trunk_fused_equals_reference():
+@pytest.mark.parametrize("device", EDGE_DEVICES)
+def test_small_sam_trunk_fused_equals_reference(device):
     """SAM trunk (patch embed + windowed and global blocks, head_dim 64) on a 256 px image: the
     windowed blocks pad 16 -> 28, the global block resizes its [127, 64] tables to 31 rows."""
     torch.manual_seed(0)
@@ -137,6 +157,7 @@ def test_small_sam_trunk_fused_equals_reference():
         for n, p in sam.named_parameters():
             if "rel_pos" in n or "pos_embed" in n:
                 p.normal_(0, 0.3)
+    sam.to(device)
 
     def trunk(pixels):
         x = sam.embed(pixels)
@@ -144,12 +165,12 @@ def test_small_sam_trunk_fused_equals_reference():
             x = blk(x)
         return x
 
-    pixels = torch.randn(1, 3, 256, 256)
+    pixels = torch.randn(1, 3, 256, 256).to(device)
     with torch.no_grad():
         want = trunk(pixels)
-        with dk.backend("triton-interpret"):
+        with dk.backend(fused_backend(device)):
             got = trunk(pixels)
-    assert dk.last_backends()["rel_pos_attention"].backend == "triton-interpret"
+    assert dk.last_backends()["rel_pos_attention"].backend == fused_backend(device)
     assert_close(got, want, torch.float32)
 
 
