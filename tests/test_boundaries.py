@@ -524,3 +524,65 @@ def test_cuda_host_checks_budgets_and_kernel_clamps_them(host):
     want = reference.saccade_gather(scores, features, torch.tensor([8, 0]))
     assert status == 0 and cu_out.tolist() == [0, 8, 8]
     assert torch.equal(positions, want[1]) and torch.equal(gathered, want[0])
+
+
+# ---- the CuPy path: its launch plan, executed by the emulated kernels ----------------------------------
+
+from deepencoder_kernels import cupy_saccade  # noqa: E402
+
+
+def _execute_plan(so, plan):
+    """Run a CuPy launch plan on the emulated kernels (the CuPy launch itself needs a GPU)."""
+    for step in plan:
+        if step[0] == "memset":
+            ctypes.memset(int(step[1]), 0, step[2])
+            continue
+        name, grid, block, args = step
+        if name == "saccade_select":
+            so.emu_launch_select(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *(ctypes.c_int64(int(a)) if isinstance(a, np.int64)
+                                 else ctypes.c_int32(int(a)) if isinstance(a, np.int32) else ctypes.c_void_p(int(a)) for a in args))
+        else:
+            unit = int(name.rsplit("_", 1)[1])
+            so.emu_launch_gather(unit, ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), ctypes.c_void_p(int(args[0])),
+                                 ctypes.c_int64(int(args[1])), ctypes.c_void_p(int(args[2])), ctypes.c_int64(int(args[3])),
+                                 ctypes.c_void_p(int(args[4])))
+    return 0
+
+
+import numpy as np  # noqa: E402
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_cupy_launch_plan_runs_the_kernels_right(host, spatial):
+    """The CuPy path's host logic (the op's run_extension + launch_plan) on views, empty images,
+    k = 0 and N, with its plan executed by the same kernels on the CPU."""
+    lengths = [6, 0, 260, 3]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    scores, features = torch.randn(sum(lengths)).to(torch.bfloat16), torch.randn(sum(lengths), 9).to(torch.bfloat16)
+    k = torch.tensor([6, 0, 200, 0])
+    launch = lambda *call: _execute_plan(host, cupy_saccade.launch_plan(*call))  # noqa: E731
+    got = sg.run_extension(_offset(scores), _transposed(features), _strided(k), _strided(cu), spatial,
+                           launch, checks_values=False)
+    _assert_same_saccade(got, reference.saccade_gather(scores, features, k, cu, spatial))
+    got = sg.run_extension(torch.randn(0, 4), torch.randn(0, 4, 2), torch.zeros(0, dtype=torch.int64), None, spatial, launch,
+                           checks_values=False)
+    assert got[2].tolist() == [0]
+
+
+def test_cupy_launch_plan_arguments():
+    plan = cupy_saccade.launch_plan(0x1000, 2, 0, 300, 0x2000, 4, 1200, 3_000_000_000, 0x3008, 24, True,
+                                    0x4000, 0x5000, 0x6000, 0x7000)
+    (name, grid, block, args), (gname, ggrid, gblock, gargs) = plan
+    assert name == "saccade_select" and grid == (4,) and block == (cupy_saccade.SELECT_THREADS,)
+    assert dict(zip(cupy_saccade.SELECT_PARAMS, args)) == dict(
+        scores=0x1000, score_dtype=2, cu_seqlens=0, uniform_length=300, k_per_image=0x2000, spatial_order=1,
+        positions=0x5000, sources=0x6000, cu_seqlens_out=0x7000)
+    widths = {p: a.dtype.itemsize for p, a in zip(cupy_saccade.SELECT_PARAMS, args)}
+    assert widths == dict(scores=8, score_dtype=4, cu_seqlens=8, uniform_length=8, k_per_image=8, spatial_order=4,
+                          positions=8, sources=8, cu_seqlens_out=8)
+    # 3e9 rows: sizes stay 64-bit; features at 0x3008 and 24-byte rows: an 8-byte copy unit
+    assert gname == "saccade_gather_rows_8" and ggrid == ((3_000_000_000 * 32 + 255) // 256,)
+    assert [int(a) for a in gargs] == [0x3008, 3, 0x6000, 3_000_000_000, 0x4000] and gargs[3].dtype == np.int64
+    assert cupy_saccade.launch_plan(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 0, 0, 0x7000) == [("memset", 0x7000, 4)]
+    with pytest.raises(ValueError, match="grid limit"):
+        cupy_saccade.launch_plan(0x1000, 0, 0, 1, 0x2000, 2**31, 2**31, 0, 0, 4, False, 0, 0, 0, 0x7000)

@@ -37,4 +37,28 @@ void emu_event(int i, int* kind, int* device, unsigned int* blocks) {
 }
 
 uintptr_t emu_event_stream(int i) { return reinterpret_cast<uintptr_t>(emu::events[i].stream); }
+
+// One kernel launch by name with the kernel's own parameters (the CuPy path's launch plans).
+int emu_launch_select(unsigned int blocks, unsigned int threads, const void* scores, int score_dtype, const int* cu_seqlens,
+                      long long uniform_length, const long long* k, int spatial_order, long long* positions, long long* sources,
+                      int* cu_seqlens_out) {
+  launch(blocks, threads, [&] {
+    saccade_select(scores, score_dtype, cu_seqlens, uniform_length, k, spatial_order, positions, sources, cu_seqlens_out);
+  });
+  return 0;
+}
+
+int emu_launch_gather(int unit, unsigned int blocks, unsigned int threads, const void* features, long long row_units,
+                      const long long* sources, long long total_out, void* gathered) {
+  launch(blocks, threads, [&] {
+    switch (unit) {
+      case 16: saccade_gather_rows_16(features, row_units, sources, total_out, gathered); break;
+      case 8: saccade_gather_rows_8(features, row_units, sources, total_out, gathered); break;
+      case 4: saccade_gather_rows_4(features, row_units, sources, total_out, gathered); break;
+      case 2: saccade_gather_rows_2(features, row_units, sources, total_out, gathered); break;
+      default: saccade_gather_rows_1(features, row_units, sources, total_out, gathered); break;
+    }
+  });
+  return 0;
+}
 }
