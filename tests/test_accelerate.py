@@ -26,19 +26,25 @@ def model(request):
 PIXELS = torch.randn(2, 3, 128, 128)   # an 8 x 8 SAM grid: 4 x 4 windows, a 2 x 2 compressed grid
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton-interpret"])
-def test_outputs_match_and_parameters_are_shared(model, backend):
+@pytest.mark.parametrize("device,backend,dtype", [
+    ("cpu", "reference", torch.float32), ("cpu", "triton-interpret", torch.float32),
+    pytest.param("cuda", "triton", torch.float32, marks=pytest.mark.gpu),
+    pytest.param("cuda", "triton", torch.bfloat16, marks=pytest.mark.gpu)])
+def test_outputs_match_and_parameters_are_shared(model, device, backend, dtype):
+    model.to(device, dtype)
+    pixels = PIXELS.to(device, dtype)
     with torch.no_grad():
-        want = model(PIXELS)
+        want = model(pixels)
     params_before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
     report = dk.accelerate(model)
     assert report.count("sam block") == 3 and report.count("sam encoder") == 1 and report.count("clip attention") == 2
     assert [k for _, k, _ in report.left_alone] == ["projector"]
     with torch.no_grad(), dk.backend(backend):
-        got = model(PIXELS)
+        got = model(pixels)
     used = {op: c.backend for op, c in dk.last_backends().items()}
     assert used["rel_pos_attention"] == used["compress"] == used["varlen_attention"] == backend
-    assert_close(got, want, torch.float32)
+    assert got.device == want.device and got.dtype == dtype
+    assert_close(got, want, dtype)
     after = model.state_dict()
     assert list(after) == list(params_before)
     for k, v in after.items():
@@ -96,4 +102,19 @@ def test_accelerated_encoder_compiles_fullgraph(model, backend):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad(), dk.backend(backend):
         got = compiled(PIXELS)
+    assert_close(got, want, torch.float32)
+
+
+@pytest.mark.gpu
+def test_accelerated_encoder_compiles_fullgraph_with_inductor_on_cuda(model):
+    """The accelerated stand-in under torch.compile(fullgraph=True) with the default backend (inductor)
+    on CUDA, the fused ops compiled Triton."""
+    model.to("cuda")
+    pixels = PIXELS.cuda()
+    with torch.no_grad():
+        want = model(pixels)
+    dk.accelerate(model)
+    torch._dynamo.reset()
+    with torch.no_grad(), dk.backend("triton"):
+        got = torch.compile(model, fullgraph=True)(pixels)
     assert_close(got, want, torch.float32)
