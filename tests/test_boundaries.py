@@ -77,8 +77,7 @@ def _strided(t):
     """The values of ``t`` with every stride doubled (a slice of a buffer twice as long per dim)."""
     if t.dim() == 0:
         return t
-    buf = torch.full([2 * n for n in t.shape], -77, dtype=t.dtype) if t.dtype.is_floating_point or t.dtype == torch.bool \
-        else torch.full([2 * n for n in t.shape], -77, dtype=t.dtype)
+    buf = torch.full([2 * n for n in t.shape], -77, dtype=t.dtype, device=t.device)
     view = buf[tuple(slice(None, None, 2) for _ in t.shape)]
     view.copy_(t)
     return view
@@ -88,14 +87,14 @@ def _rows_strided(t):
     """Unit stride in the last dim, the others padded (a kernel taking strides reads it in place)."""
     if t.dim() < 2:
         return _strided(t)
-    buf = torch.full((*t.shape[:-1], t.shape[-1] + 5), -77, dtype=t.dtype)
+    buf = torch.full((*t.shape[:-1], t.shape[-1] + 5), -77, dtype=t.dtype, device=t.device)
     view = buf[..., 2:2 + t.shape[-1]]
     view.copy_(t)
     return view
 
 
 def _offset(t):
-    buf = torch.full((t.numel() + 3,), -77, dtype=t.dtype)
+    buf = torch.full((t.numel() + 3,), -77, dtype=t.dtype, device=t.device)
     view = buf[3:].view(t.shape)
     view.copy_(t)
     return view
@@ -586,3 +585,111 @@ def test_cupy_launch_plan_arguments():
     assert cupy_saccade.launch_plan(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 0, 0, 0x7000) == [("memset", 0x7000, 4)]
     with pytest.raises(ValueError, match="grid limit"):
         cupy_saccade.launch_plan(0x1000, 0, 0, 1, 0x2000, 2**31, 2**31, 0, 0, 4, False, 0, 0, 0, 0x7000)
+
+
+# ---- on a GPU (`pytest -m gpu tests/test_boundaries.py`; scripts/gpu_check.sh also runs it under compute-sanitizer) ----
+
+def _cuda_paths():
+    """(name, run) for each CUDA saccade path: the extension through the op, and the CuPy path."""
+    def extension_path(scores, features, k, cu=None, order="score"):
+        with dk.backend("cpp"):
+            out = ops.saccade_gather(scores, features, k, cu, order=order)
+        assert dk.last_backends()["saccade_gather"].backend == "cpp"
+        return out
+
+    def cupy_path(scores, features, k, cu=None, order="score"):
+        pytest.importorskip("cupy", reason="CuPy is not installed (the 'cupy' extra)")
+        return cupy_saccade.saccade_gather(scores, features, k, cu, order=order)
+    return [("extension", extension_path), ("cupy", cupy_path)]
+
+
+def _cpu_answer(scores, features, k, cu=None, order="score"):
+    return _saccade("reference", scores.cpu(), features.cpu(), k.cpu() if isinstance(k, torch.Tensor) else k,
+                    None if cu is None else cu.cpu(), order=order)
+
+
+def _assert_same_on_cpu(got, want):
+    torch.cuda.synchronize()
+    _assert_same_saccade(tuple(t.cpu() for t in got), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["extension", "cupy"])
+@pytest.mark.parametrize("order", ["score", "spatial"])
+def test_gpu_saccade_layouts(path, order):
+    run = dict(_cuda_paths())[path]
+    lengths = [5, 0, 700, 1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    scores, features, k = torch.randn(706), torch.randn(706, 24).to(torch.bfloat16), torch.tensor([5, 0, 300, 1])
+    want = _cpu_answer(scores, features, k, cu, order)
+    for layout in VALUE_PRESERVING:
+        make = LAYOUTS[layout]
+        got = run(make(scores.cuda()), make(features.cuda()), _strided(k.cuda()), _strided(cu.cuda()), order)
+        _assert_same_on_cpu(got, want)
+    batched, feats = torch.randn(3, 50), torch.randn(3, 50, 8)
+    for k in (torch.tensor([0, 50, 7]), torch.tensor(50).expand(3), torch.tensor(4).expand(3)):   # k = 0, N; stride 0
+        on_gpu = k.cuda() if k.stride(0) else torch.tensor(int(k[0]), device="cuda").expand(3)
+        got = run(_strided(batched.cuda()), _transposed(feats.cuda()), on_gpu, None, order)
+        _assert_same_on_cpu(got, _cpu_answer(batched, feats, k.contiguous(), None, order))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["extension", "cupy"])
+def test_gpu_saccade_no_images_mixed_devices_and_range(path):
+    run = dict(_cuda_paths())[path]
+    got = run(torch.randn(0, 5, device="cuda"), torch.randn(0, 5, 3, device="cuda"), torch.zeros(0, dtype=torch.int64, device="cuda"))
+    torch.cuda.synchronize()
+    assert got[2].tolist() == [0] and got[0].shape == (0, 3)
+    scores, features = torch.randn(2, 8, device="cuda"), torch.randn(2, 8, 4, device="cuda")
+    with pytest.raises(ValueError, match="must be on cuda|device"):
+        run(scores, features.cpu(), torch.tensor([1, 1], device="cuda"))
+    with pytest.raises(ValueError, match="must be on cuda|device"):
+        run(scores, features, torch.tensor([1, 1]))
+    for k in (torch.tensor([9, 1], device="cuda"), torch.tensor([-1, 1], device="cuda")):
+        with pytest.raises(ValueError, match="out of range"):
+            run(scores, features, k)
+
+
+@pytest.mark.gpu
+def test_gpu_saccade_range_checked_under_compile_and_called_directly():
+    scores, features = torch.randn(2, 8, device="cuda"), torch.randn(2, 8, 4, device="cuda")
+    bad = torch.tensor([9, 1], device="cuda")
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.deepencoder_kernels.saccade_gather(scores, features, bad, None, False, "cpp")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, f, k: ops.saccade_gather(s, f, k), fullgraph=True, backend="aot_eager")
+    with dk.backend("cpp"):
+        _assert_same_on_cpu(compiled(scores, features, torch.tensor([8, 0], device="cuda")),
+                            _cpu_answer(scores, features, torch.tensor([8, 0])))
+        with pytest.raises(ValueError, match="out of range"):
+            compiled(scores, features, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["extension", "cupy"])
+def test_gpu_saccade_runs_on_torchs_current_stream(path):
+    """The default stream is kept busy; the op is called, and its results read back, on a side
+    stream (torch's current one there): launched anywhere but that stream, the read-back would
+    overtake the kernels and see unwritten outputs."""
+    run = dict(_cuda_paths())[path]
+    host_scores, host_features, host_k = torch.randn(4, 4096), torch.randn(4, 4096, 64), torch.tensor([100, 0, 4096, 7])
+    scores, features, k = host_scores.cuda(), host_features.cuda(), host_k.cuda()
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)           # on the default stream
+    with torch.cuda.stream(side):
+        got = tuple(t.cpu() for t in run(scores, features, k))   # .cpu() waits for the side stream only
+    torch.cuda.synchronize()
+    _assert_same_saccade(got, _cpu_answer(host_scores, host_features, host_k))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("path", ["extension", "cupy"])
+def test_gpu_saccade_on_the_inputs_device(path):
+    run = dict(_cuda_paths())[path]
+    scores, features, k = torch.randn(3, 300), torch.randn(3, 300, 16), torch.tensor([0, 300, 20])
+    with torch.cuda.device(0):
+        got = run(scores.to("cuda:1"), features.to("cuda:1"), k.to("cuda:1"))
+        assert torch.cuda.current_device() == 0 and all(t.device == torch.device("cuda:1") for t in got)
+    _assert_same_on_cpu(got, _cpu_answer(scores, features, k))
