@@ -92,3 +92,95 @@ def test_traffic_counter_counts_passes_not_views():
         torch.empty(100)          # an allocation moves nothing
     assert t.passes == 2
     assert t.bytes_read == 2 * 128 + 128 and t.bytes_written == 128 + 128
+
+
+def _real_run_counts(enc, mode):
+    """The old single pass, for reference: the encoder computing for real under the counters."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deepencoder_kernels.preprocess import preprocess, render_document_page
+
+    views = preprocess(render_document_page(), mode)
+    flops, tracker = FlopCounterMode(display=False), profiler.MemoryTracker()
+    counter = profiler._Counter(flops, tracker)
+    with torch.inference_mode(), flops, tracker:
+        enc.encode_views(views, stage=counter)
+    return {r.name: r for r in counter.records.values() if r.calls}
+
+
+@pytest.mark.parametrize("mode", ["tiny", "gundam"])
+def test_counting_pass_equals_a_real_run(mode):
+    """Fake tensors count exactly what a computing run allocates and does, stage by stage."""
+    enc = small_encoder()
+    real = _real_run_counts(enc, mode)
+    p = profiler.profile(mode, encoder=enc, dtype=torch.float32, device="cpu", repeat=0, progress=False)
+    assert [s.name for s in p.stages] == list(real) and p.pass_seconds == [] and p.timing_dtype == ""
+    for s in p.stages:
+        r = real[s.name]
+        assert (s.calls, s.flops, s.peak_bytes, s.allocated_bytes, s.largest_tensor_bytes) == \
+            (r.calls, r.flops, r.peak_bytes, r.allocated_bytes, r.largest_tensor_bytes), s.name
+    assert "times: not measured" in profiler.format_report(p)
+
+
+def test_counting_pass_full_size_matches_the_checked_flops():
+    """The CLI's counting pass (fake CPU tensors, bf16, full size) gives the FLOPs the meta test checks."""
+    with torch.device("meta"):
+        structure = DeepEncoder()
+    p = profiler.profile("base", encoder=structure, device="cpu", repeat=0, progress=False)
+    meta = meta_profile("base")
+    assert {s.name: s.flops for s in p.stages} == {s.name: s.flops for s in meta.stages}
+    assert p.total_flops / G == pytest.approx(1109.6, abs=0.1)
+    assert p.stage("global blocks").largest_tensor_bytes == 12 * 4096 * 4096 * 2   # the bf16 dense rel-pos bias
+
+
+def test_timing_passes_repeat_batch_and_views_per_second():
+    enc = small_encoder()
+    p = profiler.profile("gundam", image=None, encoder=enc, dtype=torch.float32, progress=False, repeat=3, warmup=1, batch=2)
+    assert p.views == 7 and p.batch == 2 and len(p.pass_seconds) == 3 and p.first_pass_seconds > 0
+    assert p.views_per_second == pytest.approx(14 / p.seconds)
+    for s in p.stages:
+        assert 0 < s.seconds_min <= s.seconds <= s.seconds_max
+    one = profiler.profile("gundam", encoder=enc, dtype=torch.float32, progress=False, repeat=0)
+    assert p.total_flops == 2 * one.total_flops and p.output_tokens == one.output_tokens
+    text = profiler.format_report(p)
+    assert "median (min..max) of 3 warm pass(es) after 1 warm-up" in text and "views/s" in text and "warm-up:" in text
+    assert [t.shape for t in profiler.encode_copies(enc, dk_views("gundam"), 2)] == [torch.Size([one.output_tokens, 24])] * 2
+    with pytest.raises(ValueError, match="repeat must be an integer >= 0"):
+        profiler.profile("tiny", encoder=enc, repeat=-1, progress=False)
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        profiler.profile("tiny", encoder=enc, batch=0, progress=False)
+
+
+def dk_views(mode):
+    from deepencoder_kernels.preprocess import preprocess, render_document_page
+
+    return preprocess(render_document_page(), mode)
+
+
+def test_batched_copies_equal_one_page():
+    enc = small_encoder()
+    views = dk_views("gundam")
+    alone = enc.encode_views(views)
+    for tokens in profiler.encode_copies(enc, views, 3):
+        torch.testing.assert_close(tokens, alone, atol=2e-5, rtol=2e-5)
+
+
+def test_emulated_bf16_is_timed_in_fp32_and_said(monkeypatch):
+    rates = {torch.bfloat16: 1.0, torch.float32: 115.0}
+    monkeypatch.setattr(profiler, "matmul_gflops", lambda dtype: rates[dtype])
+    dtype, note, measured = profiler.choose_timing_dtype(torch.bfloat16, torch.device("cpu"))
+    assert dtype == torch.float32 and "1.0 GFLOP/s vs 115.0" in note and measured == {"bfloat16": 1.0, "float32": 115.0}
+    enc = small_encoder().to(torch.bfloat16)
+    p = profiler.profile("tiny", encoder=enc, dtype=torch.bfloat16, progress=False, repeat=1)
+    assert p.timing_dtype == "float32" and p.dtype == "bfloat16"
+    assert enc.projector.layers.weight.dtype == torch.bfloat16             # the caller's encoder untouched
+    counted = profiler.profile("tiny", encoder=enc, dtype=torch.bfloat16, progress=False, repeat=0)
+    assert p.peak_bytes == counted.peak_bytes and p.total_flops == counted.total_flops   # bytes of bf16
+    assert "note: timed in float32" in profiler.format_report(p)
+    rates[torch.bfloat16] = 400.0                                          # native bf16 (AMX, a GPU-like CPU): kept
+    assert profiler.choose_timing_dtype(torch.bfloat16, torch.device("cpu"))[0] == torch.bfloat16
+    assert profiler.choose_timing_dtype(torch.bfloat16, torch.device("cuda"))[0] == torch.bfloat16
+
+
+def test_matmul_probe_measures():
+    assert profiler.matmul_gflops(torch.float32, 32, 64, 64) > 0

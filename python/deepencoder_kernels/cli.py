@@ -14,7 +14,8 @@ def _profile(args) -> int:
     from .profiler import format_report, plot, profile, save_json
 
     with dispatch.backend(args.backend):
-        p = profile(args.mode, args.image, args.weights, DTYPES[args.dtype], args.device, progress=not args.quiet)
+        p = profile(args.mode, args.image, args.weights, DTYPES[args.dtype], args.device, progress=not args.quiet,
+                    repeat=args.repeat, warmup=args.warmup, batch=args.batch)
     print(format_report(p))
     if args.json:
         save_json(p, args.json)
@@ -50,6 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "triton-interpret", "cpp"])
     p.add_argument("--json", help="write the measurements as JSON here")
     p.add_argument("--plot", help="write a PNG of the per-stage breakdown here")
+    p.add_argument("--repeat", type=int, default=1, help="timed warm passes (median, min..max); 0: count FLOPs and bytes only")
+    p.add_argument("--warmup", type=int, default=1, help="untimed-in-the-table warm-up passes (compile/autotune; reported apart)")
+    p.add_argument("--batch", type=int, default=1, help="copies of the page per pass (same-size views batched)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=_profile)
     i = sub.add_parser("info", help="which backends can run here, and why not")

@@ -1,21 +1,32 @@
 """Measure DeepEncoder per stage (FLOPs, activation bytes, time) and check the claims in circulation.
 
-FLOPs are counted while the encoder runs (``FlopCounterMode``; the custom ops carry registered
-formulas). Activation memory on CPU is tracked by :class:`MemoryTracker`, a dispatch mode that
-follows every storage the run allocates until it is freed; on CUDA the caching allocator's own
-peak is used instead (it also sees what fused kernels allocate inside their ops).
+Two kinds of pass, never mixed:
+- one counting pass on fake tensors (the encoder's structure in the requested dtype on the target
+  device type; nothing computed): FLOPs from ``FlopCounterMode`` (the custom ops carry registered
+  formulas) and activation bytes from :class:`MemoryTracker`, a dispatch mode that follows every
+  storage the run creates until it dies. Exact, instant, the same on any machine of that device type.
+- warm timing passes with no dispatch mode attached: warm-up pass(es) timed on their own line (on a
+  GPU that is where Triton compiles and autotunes), then ``repeat`` passes giving per-stage median /
+  min / max (CUDA events on a GPU) and views/s. NVTX ranges wrap every stage.
+On a CPU that emulates bf16/fp16 matmuls (measured by :func:`matmul_gflops`), the timing passes run
+in fp32 and the report says so; FLOPs and bytes stay those of the requested dtype.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import functools
 import json
 import math
+import statistics
 import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
@@ -82,11 +93,15 @@ class TrafficCounter(TorchDispatchMode):
         return out
 
 
+_RETURNS_INPUT = (torch.ops.aten.resolve_neg.default, torch.ops.aten.resolve_conj.default)
+
+
 class MemoryTracker(TorchDispatchMode):
     """Live / peak / total bytes of the storages created by ops run under it.
 
     An op output that shares storage with one of its inputs (a view, an in-place op) is not a
-    new allocation; a storage is freed when the last tensor created on it here dies.
+    new allocation; a storage is freed when the last tensor created on it here dies. Storages are
+    told apart by their StorageImpl (not their data pointer), so meta and fake tensors count too.
     """
 
     def __init__(self):
@@ -95,7 +110,13 @@ class MemoryTracker(TorchDispatchMode):
         self.peak = 0
         self.total = 0
         self.largest = 0
-        self._refs: dict[int, list[int]] = {}  # storage ptr -> [nbytes, tensors alive]
+        self._refs: dict[int, list[int]] = {}  # storage key -> [nbytes, tensors alive]
+        self._alias: dict[int, int] = {}       # storage key -> the key of the storage it aliases
+        self._aliases_of: dict[int, list[int]] = {}
+
+    def _key(self, t: torch.Tensor) -> int:
+        k = t.untyped_storage()._cdata
+        return self._alias.get(k, k)
 
     def _release(self, ptr: int) -> None:
         entry = self._refs.get(ptr)
@@ -105,15 +126,26 @@ class MemoryTracker(TorchDispatchMode):
         if entry[1] == 0:
             self.live -= entry[0]
             del self._refs[ptr]
+            for alias in self._aliases_of.pop(ptr, ()):
+                self._alias.pop(alias, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        tensors_in = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = {self._key(t) for t in tensors_in}
+        # resolve_neg / resolve_conj return their input when there is nothing to resolve; a fake
+        # tensor's version comes back with a storage object of its own: count it as the input's
+        aliasing = func in _RETURNS_INPUT and not (tensors_in[0].is_neg() or tensors_in[0].is_conj())
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
-            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            ptr, nbytes = self._key(t), storage.nbytes()
+            if aliasing and ptr not in self._refs and ptr not in inputs:
+                canonical = self._key(tensors_in[0])
+                self._alias[ptr] = canonical
+                self._aliases_of.setdefault(canonical, []).append(ptr)
+                ptr = canonical
             if ptr in self._refs:
                 self._refs[ptr][1] += 1
             elif ptr in inputs or nbytes == 0:
@@ -135,9 +167,11 @@ class StageRecord:
     tokens_in: int = 0
     tokens_out: int = 0
     flops: int = 0
-    seconds: float = 0.0
-    peak_bytes: int = 0          # highest live activation bytes while the stage ran
-    allocated_bytes: int = 0     # everything the stage allocated
+    seconds: float = 0.0         # median over the warm passes (0: not timed)
+    seconds_min: float = 0.0
+    seconds_max: float = 0.0
+    peak_bytes: int = 0          # highest live activation bytes while the stage ran (counting pass)
+    allocated_bytes: int = 0     # everything the stage allocated (counting pass)
     largest_tensor_bytes: int = 0
 
 
@@ -145,18 +179,28 @@ class StageRecord:
 class Profile:
     mode: str
     image_size: int
-    views: int
-    dtype: str
+    views: int                   # views of one page
+    dtype: str                   # the requested dtype: FLOPs and bytes are counted in it
     device: str
     device_name: str
     backend: str
     weights: str
-    output_tokens: int
+    output_tokens: int           # tokens of one page
+    batch: int = 1               # pages per pass
     stages: list[StageRecord] = field(default_factory=list)
     backends: dict[str, str] = field(default_factory=dict)
     claims: list[dict] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     date: str = ""
+    count_seconds: float = 0.0   # wall time of the counting pass (fake tensors, no compute)
+    timing_dtype: str = ""       # dtype the warm passes ran in ("" when not timed)
+    timing_note: str = ""        # why it differs from ``dtype``, if it does
+    matmul_gflops: dict[str, float] = field(default_factory=dict)   # the probe behind that choice
+    warmup: int = 0
+    repeat: int = 0
+    first_pass_seconds: float = 0.0          # warm-up pass(es): compile / autotune / first-touch costs
+    pass_seconds: list[float] = field(default_factory=list)          # each warm pass, wall, synchronised
+    measured_peak_bytes: int = 0             # CUDA: the caching allocator's peak over the warm passes
 
     def stage(self, name: str) -> StageRecord:
         return next(s for s in self.stages if s.name == name)
@@ -173,29 +217,23 @@ class Profile:
     def peak_bytes(self) -> int:
         return max(s.peak_bytes for s in self.stages)
 
+    @property
+    def seconds(self) -> float:
+        """Median wall time of one warm pass (0: not timed)."""
+        return statistics.median(self.pass_seconds) if self.pass_seconds else 0.0
+
+    @property
+    def views_per_second(self) -> float:
+        return self.batch * self.views / self.seconds if self.seconds else 0.0
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["sam_trunk_flops"] = self.sam_trunk_flops
         d["total_flops"] = self.total_flops
         d["peak_bytes"] = self.peak_bytes
+        d["seconds"] = self.seconds
+        d["views_per_second"] = self.views_per_second
         return d
-
-
-class CudaMemory:
-    """The caching allocator's figures, relative to what was allocated before the run (weights)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.base = torch.cuda.memory_allocated(device)
-
-    def begin(self):
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._total0 = torch.cuda.memory_stats(self.device).get("allocated_bytes.all.allocated", 0)
-
-    def end(self):
-        peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        total = torch.cuda.memory_stats(self.device).get("allocated_bytes.all.allocated", 0) - self._total0
-        return peak, total, 0  # the allocator does not report single-tensor sizes
 
 
 class CpuMemory:
@@ -213,31 +251,21 @@ class CpuMemory:
         return t.peak, t.total - self._total0, t.largest
 
 
-class _Recorder:
-    """The stage hook: NVTX range + FLOP, byte and time accounting per stage."""
+class _Counter:
+    """Stage hook of the counting pass: FLOPs and activation bytes per stage (no time)."""
 
-    def __init__(self, flops: FlopCounterMode, memory, device: torch.device, progress):
-        self.flops, self.memory, self.device, self.progress = flops, memory, device, progress
+    def __init__(self, flops: FlopCounterMode, tracker: MemoryTracker):
+        self.flops, self.memory = flops, CpuMemory(tracker)
         self.records = {name: StageRecord(name) for name in STAGES}
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
     def __call__(self, name, tokens_in=0, tokens_out=0):
         rec = self.records[name]
         rec.calls += 1
         rec.tokens_in, rec.tokens_out = tokens_in, tokens_out
-        self.progress(name, rec.calls)
         flops0 = self.flops.get_total_flops()
         self.memory.begin()
-        self._sync()
-        t0 = time.perf_counter()
-        with nvtx_stage(name):
-            yield rec
-        self._sync()
-        rec.seconds += time.perf_counter() - t0
+        yield rec
         rec.flops += self.flops.get_total_flops() - flops0
         peak, allocated, largest = self.memory.end()
         rec.peak_bytes = max(rec.peak_bytes, peak)
@@ -245,14 +273,44 @@ class _Recorder:
         rec.largest_tensor_bytes = max(rec.largest_tensor_bytes, largest)
 
 
+class _Timer:
+    """Stage hook of the warm passes: an NVTX range and the stage's time, from CUDA events on a GPU
+    (read after the pass's one synchronisation) or the host clock on a CPU (where ops are synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name, tokens_in=0, tokens_out=0):
+        with nvtx_stage(name, tokens_in, tokens_out):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                yield
+                end.record()
+            else:
+                start = time.perf_counter()
+                yield
+                end = time.perf_counter()
+        self.spans.append((name, start, end))
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage name, summed over its calls (call after synchronising)."""
+        out: dict[str, float] = {}
+        for name, start, end in self.spans:
+            out[name] = out.get(name, 0.0) + (start.elapsed_time(end) / 1e3 if self.cuda else end - start)
+        return out
+
+
 def _progress_printer(enabled: bool):
-    """One updating line on a terminal; elsewhere (logs, CI) a line per new stage."""
+    """One updating line on a terminal; elsewhere (logs, CI) a line per step."""
     start, tty = time.perf_counter(), sys.stderr.isatty()
 
-    def show(name, call):
-        if not enabled or (not tty and call > 1):
+    def show(text):
+        if not enabled:
             return
-        text = f"[profile {time.perf_counter() - start:6.1f}s] {name} #{call}"
+        text = f"[profile {time.perf_counter() - start:6.1f}s] {text}"
         print(f"\r{text:<60}" if tty else text, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     return show
@@ -269,6 +327,68 @@ def random_encoder(seed: int = 0, dtype=torch.float32, device="cpu"):
             if any(s in name for s in ("rel_pos", "pos_embed", "class_embedding", "position_embedding", "newline", "seperator")):
                 p.normal_(0.0, 0.02)
     return enc.to(device=device, dtype=dtype).eval()
+
+
+def fake_copy(model: torch.nn.Module, fake_mode: FakeTensorMode, dtype: torch.dtype, device) -> torch.nn.Module:
+    """``model``'s structure with every parameter and buffer a fake tensor (floating ones in
+    ``dtype``) on ``device``: no memory, no copy of the weights."""
+    memo = {}
+    with fake_mode:
+        for t in [*model.parameters(), *model.buffers()]:
+            fake = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+            memo[id(t)] = torch.nn.Parameter(fake, requires_grad=False) if isinstance(t, torch.nn.Parameter) else fake
+    return copy.deepcopy(model, memo)
+
+
+def encode_copies(encoder, views, batch: int = 1, stage=nvtx_stage) -> list[torch.Tensor]:
+    """``batch`` copies of one page through the encoder as one batch ([batch, 3, S, S] per view
+    size, as a server batches same-mode pages); each copy's tokens in upstream's layout."""
+    if batch == 1:
+        return [encoder.encode_views(views, stage)]
+    if encoder.saccades is not None:
+        raise ValueError("batch > 1 profiles an encoder without saccades (use batch=1 with saccades)")
+    weight = encoder.projector.layers.weight
+    pixels = views.global_view[None].expand(batch, -1, -1, -1).to(weight.device, weight.dtype)
+    global_feats = encoder.view_features(pixels, stage)
+    tile_feats = None
+    if views.tiles is not None:
+        n = views.tiles.shape[0]
+        tiles = views.tiles[None].expand(batch, -1, -1, -1, -1).reshape(batch * n, *views.tiles.shape[1:])
+        tile_feats = encoder.view_features(tiles.to(weight.device, weight.dtype), stage).view(batch, n, -1, global_feats.shape[-1])
+    return [encoder.layout(global_feats[i], None if tile_feats is None else tile_feats[i], views.grid) for i in range(batch)]
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_gflops(dtype: torch.dtype, n: int = 256, k: int = 768, m: int = 768) -> float:
+    """GFLOP/s of an [n, k] x [k, m] CPU matmul in ``dtype``, per second of process CPU time (so a
+    busy shared machine slows every dtype alike). Best of a few after a warm-up."""
+    a, b = torch.randn(n, k).to(dtype), torch.randn(k, m).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        a @ b
+        best = min(best, max(time.process_time() - t0, 1e-6))
+    return 2 * n * k * m / best / 1e9
+
+
+SLOW_MATMUL = 0.25   # a dtype whose CPU matmul runs below this fraction of fp32's is emulated, not native
+
+
+def choose_timing_dtype(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str, dict]:
+    """The dtype to time the forward in: the requested one, except on a CPU whose matmul in it is
+    far slower than fp32 (bf16/fp16 without native matrix units: measured, not guessed from the
+    CPU's name), where fp32 gives the stage breakdown in seconds instead of minutes."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return dtype, "", {}
+    name = str(dtype).replace("torch.", "")
+    rates = {name: matmul_gflops(dtype), "float32": matmul_gflops(torch.float32)}
+    if rates[name] >= SLOW_MATMUL * rates["float32"]:
+        return dtype, "", rates
+    note = (f"timed in float32: this CPU's {name} matmul runs at {rates[name]:.1f} GFLOP/s vs {rates['float32']:.1f} "
+            f"in float32 (no native {name} matrix units), so {name} times would measure the emulation; "
+            f"FLOPs and bytes are counted in {name}")
+    return torch.float32, note, rates
 
 
 def clip_flops_at(tokens_side: int) -> int:
@@ -297,13 +417,13 @@ def _claims(p: Profile) -> list[dict]:
         return {"claim": what, "claimed": claimed, "measured": measured, "ratio": ratio, "verdict": word}
 
     out = []
-    if p.mode == "base" and p.views == 1:
+    if p.mode == "base" and p.views == 1 and p.batch == 1:
         out.append(verdict(p.sam_trunk_flops / G, 65.0, "SAM ~65 GFLOPs"))
         out.append(verdict(p.stage("CLIP").flops / G, 180.0, "CLIP ~180 GFLOPs"))
         out.append(verdict(p.total_flops / G, 245.0, "total ~245 GFLOPs"))
         peak = verdict(p.peak_bytes / 2**30, 1.5, "~1.5 GB activations (bf16, batch 1)")
         if p.dtype != "bfloat16":
-            peak["verdict"] += f" (measured in {p.dtype}; rerun with --dtype bfloat16 to compare)"
+            peak["verdict"] += f" (counted in {p.dtype}; rerun with --dtype bfloat16 to compare)"
         out.append(peak)
         out.append(verdict(clip_flops_at(cfg.sam_grid(1024)) / G, 2800.0, "CLIP on 4096 tokens ~2800 GFLOPs"))
     win = cfg.SAM_WINDOW
@@ -326,37 +446,119 @@ def _versions() -> dict[str, str]:
     return v
 
 
+def count(views, encoder, dtype: torch.dtype, device: torch.device, batch: int = 1):
+    """The counting pass: the encoder's structure on fake tensors in ``dtype`` on ``device``'s type
+    (the same kernels are chosen as in a real run there, e.g. CPU flash attention; nothing is
+    computed), under ``FlopCounterMode`` and :class:`MemoryTracker`. Exact and independent of the
+    machine's speed. ``device`` "meta" runs on meta tensors instead. Returns (stage records, tokens)."""
+    flops, tracker = FlopCounterMode(display=False), MemoryTracker()
+    counter = _Counter(flops, tracker)
+    if device.type == "meta":
+        fake, model = contextlib.nullcontext(), encoder.to(dtype)
+    else:
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        model = fake_copy(encoder, fake, dtype, device)
+        # the page's pixels as fake tensors before counting starts, as real ones exist before a real run
+        views = dataclasses.replace(views, global_view=fake.from_tensor(views.global_view),
+                                    tiles=None if views.tiles is None else fake.from_tensor(views.tiles))
+    with fake, torch.inference_mode(), flops, tracker:
+        out = encode_copies(model, views, batch, stage=counter)
+    return [r for r in counter.records.values() if r.calls], out[0].shape[0]
+
+
 def profile(mode: str = "base", image=None, weights: str | None = None, dtype: torch.dtype = torch.bfloat16,
-            device: str | None = None, progress: bool = True, encoder=None) -> Profile:
-    """Run the encoder once on ``image`` (default: a rendered document page) and measure it."""
+            device: str | None = None, progress: bool = True, encoder=None, repeat: int = 1, warmup: int = 1,
+            batch: int = 1, timing_dtype: torch.dtype | None = None) -> Profile:
+    """Profile the encoder on ``image`` (default: a rendered document page), ``batch`` copies per pass.
+
+    1. Counting pass (:func:`count`): FLOPs and activation bytes per stage in ``dtype``; instant.
+    2. ``warmup`` passes, timed apart (on a GPU: Triton compilation / autotuning happen here).
+    3. ``repeat`` warm passes: per-stage seconds (median, min, max) and views/s.
+    ``repeat=0`` (or ``device="meta"``) counts only. ``timing_dtype`` defaults to ``dtype`` except on a
+    CPU that emulates it (:func:`choose_timing_dtype`); a given ``encoder`` is timed in its own dtype.
+    """
     if mode not in cfg.MODES:
         raise ValueError(f"mode must be one of {sorted(cfg.MODES)}, got {mode!r}")
+    for name, value, low in (("repeat", repeat, 0), ("warmup", warmup, 0), ("batch", batch, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if encoder is None:
-        encoder = random_encoder(dtype=dtype, device=dev)
-        if weights:
-            encoder.load_checkpoint(weights)
+    show = _progress_printer(progress)
     views = preprocess(image if image is not None else render_document_page(), mode)
-    flops = FlopCounterMode(display=False)
-    tracker = MemoryTracker() if dev.type != "cuda" else None
-    meter = CpuMemory(tracker) if tracker is not None else CudaMemory(dev)
-    rec = _Recorder(flops, meter, dev, _progress_printer(progress))
-    dispatch.clear_last_backends()
-    with torch.inference_mode(), flops, (tracker or contextlib.nullcontext()):
-        out = encoder.encode_views(views, stage=rec)
-    if progress and sys.stderr.isatty():
-        print(file=sys.stderr)
     n_views = 1 + (views.tiles.shape[0] if views.tiles is not None else 0)
+
+    show("counting FLOPs and bytes (fake tensors)")
+    t0 = time.perf_counter()
+    structure = encoder
+    if structure is None:
+        from .modules import DeepEncoder
+
+        with torch.device("meta"):
+            structure = DeepEncoder()
+    dispatch.clear_last_backends()
+    stages, tokens = count(views, structure, dtype, dev, batch)
+    count_seconds = time.perf_counter() - t0
+    backends = {op: c.backend for op, c in dispatch.last_backends().items()}
     p = Profile(
         mode=mode, image_size=cfg.MODES[mode].base_size, views=n_views, dtype=str(dtype).replace("torch.", ""),
-        device=dev.type, device_name=device_name(dev),
-        backend=dispatch.requested_kind(), weights=weights or "seeded random (seed 0)",
-        output_tokens=out.shape[0], stages=[r for r in rec.records.values() if r.calls],
-        backends={op: c.backend for op, c in dispatch.last_backends().items()},
-        versions=_versions(), date=time.strftime("%Y-%m-%d"),
+        device=dev.type, device_name=device_name(dev), backend=dispatch.requested_kind(),
+        weights=weights or ("given encoder" if encoder is not None else "seeded random (seed 0)"),
+        output_tokens=tokens, batch=batch, stages=stages, backends=backends, versions=_versions(),
+        date=time.strftime("%Y-%m-%d"), count_seconds=count_seconds,
     )
-    assert out.shape[0] == token_count(mode, views.grid)
+    if getattr(structure, "saccades", None) is None:
+        assert tokens == token_count(mode, views.grid)
     p.claims = _claims(p)
+    if dev.type == "meta" or repeat == 0:
+        return p
+
+    given = encoder is not None
+    own_dtype = encoder.projector.layers.weight.dtype if given else dtype
+    tdtype, p.timing_note, p.matmul_gflops = (timing_dtype, "", {}) if timing_dtype else choose_timing_dtype(own_dtype, dev)
+    if not given:
+        show(f"building the encoder ({str(tdtype).replace('torch.', '')})")
+        encoder = random_encoder(dtype=tdtype, device=dev)
+        if weights:
+            encoder.load_checkpoint(weights)
+    elif tdtype != own_dtype:
+        encoder = copy.deepcopy(encoder).to(tdtype)     # the caller's encoder stays as it is
+    p.timing_dtype = str(tdtype).replace("torch.", "")
+    if tdtype != dtype and not p.timing_note:
+        p.timing_note = f"timed in {p.timing_dtype}; FLOPs and bytes are counted in {p.dtype}"
+
+    def one_pass(timer) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            encode_copies(encoder, views, batch, stage=timer)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - start
+
+    dispatch.clear_last_backends()
+    p.warmup, p.repeat = warmup, repeat
+    for i in range(warmup):
+        show(f"warm-up pass {i + 1}/{warmup}")
+        p.first_pass_seconds += one_pass(nvtx_stage)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    per_stage: dict[str, list[float]] = {}
+    for i in range(repeat):
+        show(f"timed pass {i + 1}/{repeat}")
+        timer = _Timer(dev)
+        p.pass_seconds.append(one_pass(timer))
+        for name, sec in timer.seconds().items():
+            per_stage.setdefault(name, []).append(sec)
+    if dev.type == "cuda":
+        p.measured_peak_bytes = torch.cuda.max_memory_allocated(dev) - base
+    for s in p.stages:
+        times = per_stage.get(s.name, [0.0])
+        s.seconds, s.seconds_min, s.seconds_max = statistics.median(times), min(times), max(times)
+    p.backends = {op: c.backend for op, c in dispatch.last_backends().items()} or p.backends
+    if progress and sys.stderr.isatty():
+        print(file=sys.stderr)
     return p
 
 
@@ -385,29 +587,51 @@ def window_padding_flops(image_size: int) -> int:
 
 def format_report(p: Profile) -> str:
     G = 1e9
+    timed = bool(p.pass_seconds)
+    per_page = f", batch {p.batch} pages per pass" if p.batch > 1 else ""
     lines = [
-        f"DeepEncoder profile: mode={p.mode} ({p.image_size}px, {p.views} view(s)), dtype={p.dtype}, "
+        f"DeepEncoder profile: mode={p.mode} ({p.image_size}px, {p.views} view(s) per page{per_page}), dtype={p.dtype}, "
         f"device={p.device_name}, backend={p.backend}, weights={p.weights}",
-        f"output: {p.output_tokens} tokens x {cfg.PROJ_OUT}; ops ran on: "
+        f"output: {p.output_tokens} tokens x {cfg.PROJ_OUT} per page; ops ran on: "
         + ", ".join(f"{op}={b}" for op, b in sorted(p.backends.items())),
-        "",
-        f"{'stage':<17}{'calls':>6}{'tokens in':>11}{'tokens out':>11}{'GFLOPs':>10}{'peak MiB':>10}"
-        f"{'alloc MiB':>11}{'largest MiB':>12}{'time s':>9}",
+        f"FLOPs and activation bytes: counted in {p.dtype} on fake tensors ({p.count_seconds:.1f}s; exact, no compute, "
+        f"the same on any {p.device} machine)" + (f", for {p.batch} pages" if p.batch > 1 else ""),
     ]
-    for s in p.stages:
+    if timed:
+        med = p.seconds
         lines.append(
-            f"{s.name:<17}{s.calls:>6}{s.tokens_in:>11}{s.tokens_out:>11}{s.flops / G:>10.1f}"
-            f"{s.peak_bytes / MiB:>10.1f}{s.allocated_bytes / MiB:>11.1f}{s.largest_tensor_bytes / MiB:>12.1f}{s.seconds:>9.2f}"
-        )
-    lines.append(
-        f"{'SAM trunk':<17}{'':>6}{'':>11}{'':>11}{p.sam_trunk_flops / G:>10.1f}"
-    )
-    lines.append(
-        f"{'total':<17}{'':>6}{'':>11}{'':>11}{p.total_flops / G:>10.1f}{p.peak_bytes / MiB:>10.1f}"
-        f"{sum(s.allocated_bytes for s in p.stages) / MiB:>11.1f}{'':>12}{sum(s.seconds for s in p.stages):>9.2f}"
-    )
+            f"times: {p.timing_dtype}, median (min..max) of {p.repeat} warm pass(es) after {p.warmup} warm-up; "
+            + ("CUDA events per stage" if p.device == "cuda" else "host clock per stage (CPU ops are synchronous)"))
+        if p.timing_note:
+            lines.append(f"  note: {p.timing_note}")
+        if p.warmup:
+            one_time = p.first_pass_seconds / p.warmup - med
+            lines.append(f"warm-up: {p.first_pass_seconds:.2f}s for {p.warmup} pass(es), i.e. about {max(one_time, 0.0):.2f}s "
+                         "of one-time cost (Triton JIT compile + autotune on a GPU; allocator / first-touch on a CPU), not in the times below")
+    else:
+        lines.append("times: not measured (counting only)")
+    head = (f"{'stage':<17}{'calls':>6}{'tokens in':>11}{'tokens out':>11}{'GFLOPs':>10}{'peak MiB':>10}"
+            f"{'alloc MiB':>11}{'largest MiB':>12}")
+    lines += ["", head + (f"{'time s':>9}{'min..max s':>15}" if timed else "")]
+    for s in p.stages:
+        row = (f"{s.name:<17}{s.calls:>6}{s.tokens_in:>11}{s.tokens_out:>11}{s.flops / G:>10.1f}"
+               f"{s.peak_bytes / MiB:>10.1f}{s.allocated_bytes / MiB:>11.1f}{s.largest_tensor_bytes / MiB:>12.1f}")
+        if timed:
+            row += f"{s.seconds:>9.3f}{f'{s.seconds_min:.3f}..{s.seconds_max:.3f}':>15}"
+        lines.append(row)
+    lines.append(f"{'SAM trunk':<17}{'':>6}{'':>11}{'':>11}{p.sam_trunk_flops / G:>10.1f}")
+    total = (f"{'total':<17}{'':>6}{'':>11}{'':>11}{p.total_flops / G:>10.1f}{p.peak_bytes / MiB:>10.1f}"
+             f"{sum(s.allocated_bytes for s in p.stages) / MiB:>11.1f}{'':>12}")
+    if timed:
+        total += f"{p.seconds:>9.3f}{f'{min(p.pass_seconds):.3f}..{max(p.pass_seconds):.3f}':>15}"
+    lines.append(total)
+    if timed:
+        lines.append(f"throughput: {p.views_per_second:.2f} views/s ({p.batch * p.views} views per pass, "
+                     f"{p.batch / p.seconds:.2f} pages/s, {p.total_flops / p.seconds / G:.1f} GFLOP/s)")
+        if p.measured_peak_bytes:
+            lines.append(f"CUDA caching allocator peak over the warm passes: {p.measured_peak_bytes / MiB:.1f} MiB above the weights")
     tile = cfg.MODES[p.mode].tile_size
-    pad = window_padding_flops(p.image_size) + (p.views - 1) * window_padding_flops(tile)
+    pad = p.batch * (window_padding_flops(p.image_size) + (p.views - 1) * window_padding_flops(tile))
     lines.append(
         f"(upstream also runs qkv/proj on the zero-padded window tokens: +{pad / G:.1f} GFLOPs, counted from "
         f"shapes: SAM trunk {(p.sam_trunk_flops + pad) / G:.1f}, total {(p.total_flops + pad) / G:.1f} as upstream "
@@ -429,9 +653,9 @@ def plot(p: Profile, path: str) -> None:
     names = [s.name for s in p.stages]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     series = [
-        ([s.flops / 1e9 for s in p.stages], "GFLOPs"),
-        ([s.peak_bytes / MiB for s in p.stages], "peak activation MiB"),
-        ([s.seconds for s in p.stages], f"time s ({p.device})"),
+        ([s.flops / 1e9 for s in p.stages], f"GFLOPs ({p.dtype})"),
+        ([s.peak_bytes / MiB for s in p.stages], f"peak activation MiB ({p.dtype})"),
+        ([s.seconds for s in p.stages], f"warm time s, median ({p.device}, {p.timing_dtype or 'not timed'})"),
     ]
     for ax, (values, label) in zip(axes, series):
         ax.barh(names, values, color="#4c72b0")
