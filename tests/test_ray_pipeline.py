@@ -102,6 +102,20 @@ def test_list_pages_and_argument_errors(tmp_path):
         dkray.encode_collection(tmp_path / "a", tmp_path / "out", mode="huge")
 
 
+def test_pdf_pages_are_listed_read_and_preprocessed(tmp_path):
+    pytest.importorskip("pypdfium2", reason="PDF pages need pypdfium2 (pip install pypdfium2)")
+    pages = [dk.render_document_page(300, 420, seed=s) for s in (1, 2)]
+    pages[0].save(tmp_path / "doc.pdf", save_all=True, append_images=pages[1:], resolution=72)
+    items = dkray.list_pages(tmp_path)
+    assert [p["page_id"] for p in items] == ["doc.pdf#page=1", "doc.pdf#page=2"] and [p["index"] for p in items] == [0, 1]
+    rendered = dkray.read_page(items[1]["path"], 1)
+    assert rendered.size == (300 * dkray.PDF_DPI // 72, 420 * dkray.PDF_DPI // 72)
+    batch = {k: [p[k] for p in items] for k in ("page_id", "path", "index")} | {"mode": ["tiny", "tiny"]}
+    out = dkray.preprocess_batch(batch)
+    assert list(out["error"]) == ["", ""] and out["global_view"].shape == (2, 3, 512, 512)
+    assert torch.equal(dkray._from_u8(out["global_view"][1]), preprocess(rendered, "tiny").global_view)
+
+
 def test_command_line_passes_the_options_through(monkeypatch, tmp_path, capsys):
     seen = {}
 
