@@ -12,6 +12,8 @@ architecture are left as they are. The patched CLIP attention works on this rank
 tensor parallelism and leaves the all-reduce to vLLM's ``RowParallelLinear``; nothing it adds
 reads device values to the host, so vLLM's encoder CUDA graphs can capture it.
 
+vLLM's ``--load-format dummy`` never calls ``load_weights``, so with it the encoder is not patched.
+
 Off switch: ``DEEPENCODER_KERNELS_VLLM_PLUGIN=0`` (or vLLM's own ``VLLM_PLUGINS`` allow-list).
 When vLLM has no DeepSeek-OCR, or its class no longer looks as expected, the plugin logs one line
 and vLLM runs its own code. Each worker logs once what was patched (``vllm.deepencoder_kernels``
