@@ -78,7 +78,8 @@ class RelPosAttention(nn.Module):
             raise ValueError("packed grids run global attention only (window_size must be 0)")
         q, k, v = qkv.view(x.shape[0], 3, self.num_heads, -1).unbind(1)
         out = ops.varlen_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen, rel_pos_h=self.rel_pos_h,
-                                   rel_pos_w=self.rel_pos_w, grid_hw=packing.grid_hw, check_values=False)
+                                   rel_pos_w=self.rel_pos_w, grid_hw=packing.grid_hw, check_values=False,
+                                   max_side=packing.max_side)
         return self.proj(out.reshape(x.shape))
 
 

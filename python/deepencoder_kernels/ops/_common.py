@@ -99,6 +99,12 @@ def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen
     return lengths
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a graph: no host reads then (checks that read
+    values are skipped; the values are the replay's anyway)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
@@ -171,6 +177,8 @@ def derived(sources: Sequence[torch.Tensor], extra: Hashable, make: Callable):
     hit = entries.get(extra)
     if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], others)):
         return hit[2]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return make()   # made inside a CUDA graph: its values exist only on replay, so it is not cached
     if len(entries) >= MAX_DERIVED_PER_SOURCE:
         entries.clear()
     value = make()

@@ -8,8 +8,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_int, check_shape, check_tensor, derived,
-                      impl_of, kernel_layout, run, triton_backends)
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, capturing, check_cu_seqlens, check_int, check_shape, check_tensor,
+                      derived, impl_of, kernel_layout, run, triton_backends)
 
 OP = "varlen_attention"
 
@@ -26,6 +26,7 @@ def varlen_attention(
     grid_hw: Optional[torch.Tensor] = None,
     check_values: bool = True,
     allow_empty: bool = False,
+    max_side: Optional[int] = None,
 ) -> torch.Tensor:
     """Non-causal softmax attention within each packed sequence (``flash_attn_varlen_func``-style).
 
@@ -40,8 +41,13 @@ def varlen_attention(
             ``[num_seqs, 2]``, ``h * w`` = the sequence's length) gives each sequence's grid and
             the decomposed bias ``q.Rh + q.Rw`` (unscaled q) is added after scaling.
         check_values: check ``cu_seqlens``/``grid_hw`` values (a host read); pass False for
-            sequences your own code built (the kernel handles empty ones either way).
+            sequences your own code built (the kernel handles empty ones either way). Skipped
+            while the current CUDA stream is capturing a graph (the values are the replay's).
         allow_empty: accept zero-length sequences in the checks.
+        max_side: with a bias, a host int bounding every grid side (``grid_hw`` values), as
+            ``max_seqlen`` bounds the lengths: with it nothing is read to the host, so the call
+            can be captured in a CUDA graph and replayed with other grids up to that side. None:
+            read ``grid_hw`` to the host for it (eager only).
 
     Returns:
         ``[total, heads, d]``.
@@ -71,17 +77,28 @@ def varlen_attention(
         check_shape("grid_hw", grid_hw, (cu_seqlens.shape[0] - 1, 2))
         grid_hw = kernel_layout(grid_hw)
         rel_pos_h, rel_pos_w = kernel_layout(rel_pos_h), kernel_layout(rel_pos_w)
-    if check_values:
+    if grid_hw is None:
+        max_side = 0
+    elif max_side is not None:
+        max_side = check_int("max_side", max_side, low=1)
+    elif capturing(q.device):
+        raise ValueError("max_side (a host int bounding grid_hw's values) is needed while capturing a CUDA graph: "
+                         "grid_hw cannot be read to the host there")
+    else:
+        max_side = max(1, int(grid_hw.max())) if grid_hw.numel() else 1
+    if check_values and not capturing(q.device):
         lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen, allow_empty)
         if grid_hw is not None:
             for i, ((h, w), n) in enumerate(zip(grid_hw.tolist(), lengths)):
                 if h < 1 or w < 1 or h * w != n:
                     raise ValueError(f"grid_hw[{i}] = ({h}, {w}) must be positive with h * w = sequence length {n}")
-    args = (q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw)
+                if max(h, w) > max_side:
+                    raise ValueError(f"grid_hw[{i}] = ({h}, {w}) exceeds max_side={max_side}")
+    args = (q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side)
     return run(OP, _varlen_attention_op, args, q.device, q.dtype)
 
 
-def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw):
+def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side):
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw)
 
 
@@ -96,13 +113,14 @@ def _varlen_attention_op(
     rel_pos_h: Optional[torch.Tensor],
     rel_pos_w: Optional[torch.Tensor],
     grid_hw: Optional[torch.Tensor],
+    max_side: int,
     backend: str,
 ) -> torch.Tensor:
-    return impl_of(OP, backend)(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw)
+    return impl_of(OP, backend)(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side)
 
 
 @_varlen_attention_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, backend):
     return torch.empty_like(q)
 
 
@@ -118,36 +136,28 @@ dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICE
 
 # ---- fused Triton backend --------------------------------------------------------------------
 
-def packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw):
-    """Per-sequence rel-pos tables for the kernel: each distinct side's table resized once to
-    ``2 side - 1`` rows (the reference's interpolation), all concatenated per axis, and each
-    sequence's first row. Reads ``grid_hw`` to the host (the bias path only); cached per
-    (parameter version, grids)."""
-    grids = tuple(tuple(g) for g in grid_hw.tolist())
-
+def packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw, max_side: int):
+    """Per-sequence rel-pos tables for the kernel, with no host read: each axis's table resized to
+    ``2 s - 1`` rows for every side ``s`` in 1..``max_side`` (the reference's interpolation), all
+    concatenated (side ``s`` starts at row ``(s - 1)^2``), cached per (parameter version, max_side);
+    each sequence's first rows computed on the device from ``grid_hw``. The same tables serve any
+    grids up to ``max_side``, so a captured CUDA graph replays with other grids."""
     def make():
-        first_rows, tables = [], []
-        for axis, table in enumerate((rel_pos_h.detach(), rel_pos_w.detach())):
-            rows, parts, offset = {}, [], 0
-            for side in sorted({g[axis] for g in grids}):
-                rows[side] = offset
-                parts.append(reference.resize_rel_pos(table, 2 * side - 1))
-                offset += 2 * side - 1
-            first_rows.append([rows[g[axis]] for g in grids])
-            tables.append(torch.cat(parts))
-        table_rows = torch.tensor(list(zip(*first_rows)), dtype=torch.int32, device=grid_hw.device).view(-1, 2)
-        grid = torch.tensor(grids, dtype=torch.int32, device=grid_hw.device).view(-1, 2)
-        return grid, tables[0], tables[1], table_rows, max(h for h, _ in grids), max(w for _, w in grids)
+        return tuple(torch.cat([reference.resize_rel_pos(t.detach(), 2 * s - 1) for s in range(1, max_side + 1)])
+                     for t in (rel_pos_h, rel_pos_w))
 
-    return derived((rel_pos_h, rel_pos_w), ("packed", str(grid_hw.device), grids), make)
+    tables_h, tables_w = derived((rel_pos_h, rel_pos_w), ("packed", max_side), make)
+    grid = grid_hw.clamp(1, max_side)   # a side past max_side (unchecked input) must not read past the tables
+    table_rows = (grid - 1).square()
+    return grid, tables_h, tables_w, table_rows, max_side, max_side
 
 
-def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, interpret: bool):
+def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, interpret: bool):
     from deepencoder_kernels.kernels.varlen_attention import varlen_attention_fwd
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    tables = packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw) if rel_pos_h is not None and grid_hw.shape[0] else None
+    tables = packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw, max_side) if rel_pos_h is not None and grid_hw.shape[0] else None
     return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, tables, interpret=interpret)
 
 
