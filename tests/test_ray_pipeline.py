@@ -125,10 +125,12 @@ def test_command_line_passes_the_options_through(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(dkray, "encode_collection", fake)
     code = dkray.main(["a/", "b.png", "--out", str(tmp_path), "--mode", "gundam", "--format", "parquet",
-                       "--batch-size", "4", "--concurrency", "2", "--num-gpus", "0.5", "--max-crops", "6"])
+                       "--batch-size", "4", "--concurrency", "2", "--num-gpus", "0.5", "--max-crops", "6",
+                       "--object-store-mib", "512"])
     assert code == 1 and "2/3 pages encoded, 1 failed" in capsys.readouterr().out
     assert seen == dict(source=["a/", "b.png"], out=str(tmp_path), mode="gundam", weights=None, fmt="parquet",
-                        shard_pages=256, batch_size=4, concurrency=2, num_gpus=0.5, max_crops=6, ray_address=None)
+                        shard_pages=256, batch_size=4, concurrency=2, num_gpus=0.5, max_crops=6, ray_address=None,
+                        object_store_limit=512 * 2**20)
 
 
 # ---- on a local Ray cluster ------------------------------------------------------------------
@@ -151,7 +153,8 @@ def test_tokens_equal_plain_encode_and_failures_are_reported(local_ray, tmp_path
     modes.update({"broken.png": "tiny", "blank.png": "small"})
     lines = []
     summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=modes.__getitem__,
-                                      encoder_factory=FailsOnBlankPages, batch_size=3, concurrency=1, progress=lines.append)
+                                      encoder_factory=FailsOnBlankPages, batch_size=3, concurrency=1, progress=lines.append,
+                                      object_store_limit=256 * 2**20)
     assert summary.pages == 6 and summary.encoded == 4 and summary.duplicates == 0, summary
     failed = dict(summary.failed)
     assert set(failed) == {"broken.png", "blank.png"}

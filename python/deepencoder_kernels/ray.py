@@ -318,13 +318,21 @@ def encode_collection(source, output, mode="base", weights: str | None = None, *
     say = progress if callable(progress) else (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     if not ray.is_initialized():
         ray.init(address=ray_address)
-    if object_store_limit is not None:
-        ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory = object_store_limit
-    out = Path(output)
+    options = ray.data.DataContext.get_current().execution_options
+    limits = options.resource_limits
+    if object_store_limit is not None:   # this run's budget; the context's own is put back after it
+        options.resource_limits = limits.copy(object_store_memory=object_store_limit)
+    try:
+        return _run(pages, Path(output), EncoderSpec(weights=weights, factory=encoder_factory), say, fmt, shard_pages,
+                    dict(batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, device=device, dtype=dtype,
+                         max_crops=max_crops))
+    finally:
+        options.resource_limits = limits
+
+
+def _run(pages, out: Path, spec: EncoderSpec, say, fmt: str, shard_pages: int, options: dict) -> Summary:
     out.mkdir(parents=True, exist_ok=True)
-    spec = EncoderSpec(weights=weights, factory=encoder_factory)
-    ds = build_dataset(pages, spec, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, device=device,
-                       dtype=dtype, max_crops=max_crops)
+    ds = build_dataset(pages, spec, **options)
     summary, writer, seen = Summary(pages=len(pages)), _ShardWriter(out, fmt, shard_pages), set()
     start, last = time.perf_counter(), 0.0
     with open(out / "errors.jsonl", "w") as errors:
@@ -379,12 +387,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--concurrency", type=int, help="encoder actors (default: one per GPU, 1 on CPU)")
     parser.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
     parser.add_argument("--max-crops", type=int, default=cfg.GUNDAM_MAX_CROPS, help="Gundam tile budget (vLLM's config: 6)")
+    parser.add_argument("--object-store-mib", type=int, help="object store budget of the pipeline (default: Ray Data's)")
 
 
 def run_from_args(args) -> int:
     summary = encode_collection(args.source, args.out, args.mode, args.weights, fmt=args.fmt, shard_pages=args.shard_pages,
                                 batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
-                                max_crops=args.max_crops, ray_address=args.ray_address)
+                                max_crops=args.max_crops, ray_address=args.ray_address,
+                                object_store_limit=args.object_store_mib and args.object_store_mib * 2**20)
     print(summary)
     return 1 if summary.failed else 0
 
