@@ -1,4 +1,4 @@
-"""``deepencoder-kernels`` command line: ``profile`` (the main job) and ``info``."""
+"""``deepencoder-kernels`` command line: ``profile`` (the main job), ``encode`` and ``info``."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,28 @@ def _profile(args) -> int:
     if args.plot:
         plot(p, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _encode(args) -> int:
+    from . import dispatch
+    from .encode import encode_files
+    from .profiler import choose_timing_dtype, random_encoder
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype == "auto":   # bf16, unless this CPU only emulates it (measured): then fp32
+        dtype = torch.bfloat16 if device.type != "cpu" else choose_timing_dtype(torch.bfloat16, device)[0]
+    else:
+        dtype = DTYPES[args.dtype]
+    encoder = random_encoder(dtype=dtype, device=device)
+    if args.weights:
+        encoder.load_checkpoint(args.weights)
+    else:
+        print("warning: no --weights: seeded random weights (seed 0); the tokens are for testing only", file=sys.stderr)
+    with dispatch.backend(args.backend):
+        summary = encode_files(encoder, args.paths, args.out, args.mode, args.batch, args.max_crops, progress=not args.quiet)
+    print(f"wrote {summary['out']}: {summary['pages']} pages, {summary['tokens']} tokens ({args.mode}, "
+          f"{str(dtype).replace('torch.', '')}) in {summary['seconds']:.1f}s")
     return 0
 
 
@@ -56,7 +78,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="copies of the page per pass (same-size views batched)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=_profile)
+    e = sub.add_parser("encode", help="images / PDF pages -> vision tokens per page (safetensors), in packed batches")
+    e.add_argument("paths", nargs="+", metavar="PATH", help="image files and PDFs (PDF pages need the 'pdf' extra: pypdfium2)")
+    e.add_argument("--mode", default="base", choices=["tiny", "small", "base", "large", "gundam"])
+    e.add_argument("--out", required=True, help="output .safetensors: one [n_tokens, 1280] tensor per page id, + mode")
+    e.add_argument("--weights", help="safetensors file or folder (default: seeded random weights, for testing)")
+    e.add_argument("--batch", type=int, default=8, help="pages per packed pass (bounds memory)")
+    e.add_argument("--max-crops", type=int, default=9, help="Gundam tile budget (9: DeepSeek's HF code; 6: its vLLM config)")
+    e.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="auto: bfloat16, or float32 on a CPU that only emulates bfloat16 (measured)")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "triton-interpret", "cpp"])
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(run=_encode)
     i = sub.add_parser("info", help="which backends can run here, and why not")
+
     i.set_defaults(run=_info)
     s = sub.add_parser("static-report", help="AOT-compile every kernel config (sm_80, sm_90a): regs, spills, smem, tensor cores",
                        add_help=False)

@@ -1,0 +1,181 @@
+"""encode: pages streamed in packed batches, tokens per page id, bounded memory, PDFs via pypdfium2."""
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from PIL import Image
+
+from deepencoder_kernels import encode as E
+from deepencoder_kernels.preprocess import render_document_page
+from conftest import small_encoder
+
+
+def _images(tmp_path, n=3):
+    paths = []
+    for i, size in enumerate([(900, 700), (700, 1300), (1400, 800), (640, 640)][:n]):
+        img = Image.effect_mandelbrot(size, (-2.0 + 0.3 * i, -1.2, 1.0, 1.2), 60).convert("RGB")
+        paths.append(tmp_path / f"page{i}.png")
+        img.save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("mode,batch", [("tiny", 2), ("gundam", 3)])
+def test_encode_files_equals_encode_per_page(tmp_path, mode, batch):
+    enc = small_encoder()
+    paths = _images(tmp_path)
+    out = tmp_path / "tokens.safetensors"
+    summary = E.encode_files(enc, paths, out, mode, batch=batch, progress=False)
+    tokens, meta = E.load_tokens(out)
+    assert list(tokens) == [str(p) for p in paths] and meta["mode"] == mode and meta["dim"] == "24"
+    assert summary["pages"] == 3 and summary["tokens"] == sum(t.shape[0] for t in tokens.values())
+    for p in paths:
+        torch.testing.assert_close(tokens[str(p)], enc.encode(p, mode)[0], atol=2e-5, rtol=2e-5)
+    # the file is plain safetensors
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(out))) == {str(p) for p in paths}
+
+
+def test_pages_are_read_lazily_and_at_most_batch_are_held(monkeypatch):
+    enc = small_encoder()
+    produced, alive, seen = [], [], []
+    real_preprocess = E.preprocess_page
+
+    def pages():
+        for i in range(7):
+            produced.append(i)
+            yield f"p{i}", render_document_page(320 + 64 * i, 480, seed=i)
+
+    def tracking_preprocess(page, mode, max_crops):
+        views = real_preprocess(page, mode, max_crops)
+        alive.append(weakref.ref(views))
+        return views
+
+    def tracking_batch(encoder, views):
+        gc.collect()
+        seen.append((len(produced), len(views), sum(r() is not None for r in alive)))
+        return [encoder.encode_views(v) for v in views]
+
+    monkeypatch.setattr(E, "preprocess_page", tracking_preprocess)
+    monkeypatch.setattr(E, "encode_views_batch", tracking_batch)
+    out = list(E.encode_pages(enc, pages(), "tiny", batch=3))
+    assert [i for i, _ in out] == [f"p{i}" for i in range(7)]
+    # batch k was encoded when exactly the pages up to it had been produced, and no views of
+    # earlier batches were alive
+    assert seen == [(3, 3, 3), (6, 3, 3), (7, 1, 1)]
+
+
+def test_encode_pages_uses_one_packed_pass_per_batch(monkeypatch):
+    enc = small_encoder()
+    calls = []
+    original = enc.encode_views_packed
+    monkeypatch.setattr(enc, "encode_views_packed", lambda views: calls.append(len(views)) or original(views))
+    pages = [(i, render_document_page(400, 500, seed=i)) for i in range(5)]
+    out = dict(E.encode_pages(enc, iter(pages), "tiny", batch=2))
+    assert calls == [2, 2, 1] and sorted(out) == list(range(5))
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        list(E.encode_pages(enc, iter(pages), "tiny", batch=0))
+
+
+def _pdf(tmp_path, n=3):
+    imgs = [render_document_page(400, 560, seed=i) for i in range(n)]
+    path = tmp_path / "doc.pdf"
+    imgs[0].save(path, save_all=True, append_images=imgs[1:])
+    return path
+
+
+def test_pdf_pages_rendered_and_encoded(tmp_path):
+    pytest.importorskip("pypdfium2", reason="the 'pdf' extra (pypdfium2) is in the test extra")
+    enc = small_encoder()
+    pdf = _pdf(tmp_path)
+    image = _images(tmp_path, 1)[0]
+    refs = E.list_pages([pdf, image])
+    assert [r.page_id for r in refs] == [f"{pdf}#page=1", f"{pdf}#page=2", f"{pdf}#page=3", str(image)]
+    out = tmp_path / "t.safetensors"
+    E.encode_files(enc, [pdf, image], out, "small", batch=3, progress=False)
+    tokens, meta = E.load_tokens(out)
+    assert json.loads(meta["page_ids"]) == [r.page_id for r in refs]
+    for k in range(3):
+        page = E.render_pdf_page(pdf, k)
+        assert page.size == (800, 1120)          # 400 x 560 pt at 144 dpi
+        torch.testing.assert_close(tokens[f"{pdf}#page={k + 1}"], enc.encode(page, "small")[0], atol=2e-5, rtol=2e-5)
+
+
+def test_pdf_without_pypdfium2_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pdfium(name, *args, **kwargs):
+        if name == "pypdfium2":
+            raise ImportError("No module named 'pypdfium2'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pdfium)
+    (tmp_path / "a.pdf").write_bytes(b"%PDF-1.4\n")
+    with pytest.raises(ImportError, match=r"pip install 'deepencoder-kernels\[pdf\]'"):
+        E.list_pages([tmp_path / "a.pdf"])
+
+
+def test_pdf_through_a_fake_renderer(tmp_path):
+    """The PDF path without pypdfium2: page count and renderer injected, pages rendered on demand."""
+    enc = small_encoder()
+    rendered = []
+
+    def render(path, index):
+        rendered.append(index)
+        return render_document_page(300 + 100 * index, 400, seed=index)
+
+    (tmp_path / "x.pdf").write_bytes(b"%PDF-1.4\n")
+    out = tmp_path / "x.safetensors"
+    E.encode_files(enc, [tmp_path / "x.pdf"], out, "tiny", batch=2, progress=False, render=render, page_count=lambda p: 4)
+    tokens, _ = E.load_tokens(out)
+    assert rendered == [0, 1, 2, 3] and len(tokens) == 4
+    torch.testing.assert_close(tokens[f"{tmp_path / 'x.pdf'}#page=3"], enc.encode(render(tmp_path / "x.pdf", 2), "tiny")[0],
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_bad_inputs(tmp_path):
+    enc = small_encoder()
+    with pytest.raises(FileNotFoundError, match="paths: no such file"):
+        E.list_pages([tmp_path / "nope.png"])
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither an image"):
+        E.list_pages([tmp_path / "a.txt"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        list(E.encode_pages(enc, iter([]), "huge"))
+
+
+def test_token_writer_is_valid_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    w = E.TokenWriter(tmp_path / "w.safetensors")
+    a, b = torch.randn(3, 5).to(torch.bfloat16), torch.randn(0, 5)
+    w.add("a", a)
+    w.add("b", b)
+    w.add("c", torch.arange(6, dtype=torch.float16).view(2, 3))
+    w.close({"mode": "base"})
+    got = load_file(str(tmp_path / "w.safetensors"))
+    assert torch.equal(got["a"], a) and got["b"].shape == (0, 5) and got["c"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]     # no temporary file left
+
+
+def test_cli_encode(tmp_path, capsys):
+    from deepencoder_kernels import cli
+
+    paths = _images(tmp_path, 2)
+    enc = small_encoder()
+    original = __import__("deepencoder_kernels.profiler", fromlist=["random_encoder"]).random_encoder
+    import deepencoder_kernels.profiler as prof
+
+    prof.random_encoder = lambda dtype=torch.float32, device="cpu", seed=0: enc.to(dtype)
+    try:
+        assert cli.main(["encode", *map(str, paths), "--mode", "tiny", "--out", str(tmp_path / "o.safetensors"),
+                         "--batch", "2", "--dtype", "float32", "--quiet"]) == 0
+    finally:
+        prof.random_encoder = original
+    assert "2 pages" in capsys.readouterr().out
+    tokens, meta = E.load_tokens(tmp_path / "o.safetensors")
+    assert meta["mode"] == "tiny" and all(t.shape == (73, 24) for t in tokens.values())
