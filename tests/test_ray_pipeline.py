@@ -90,8 +90,10 @@ def test_list_pages_and_argument_errors(tmp_path):
     make_pages(tmp_path / "a" / "sub", 2)
     (tmp_path / "a" / "notes.txt").write_text("not a page")
     pages = dkray.list_pages(tmp_path / "a")
-    assert [p["page_id"] for p in pages] == ["sub/page0.png", "sub/page1.png"] and all(p["index"] == -1 for p in pages)
-    assert [p["page_id"] for p in dkray.list_pages([tmp_path / "a" / "sub" / "page1.png"])][0].endswith("sub/page1.png")
+    sub = tmp_path / "a" / "sub"
+    assert [p["page_id"] for p in pages] == [str(sub / "page0.png"), str(sub / "page1.png")]   # encode's ids: the paths
+    assert all(p["index"] == -1 for p in pages)
+    assert [p["page_id"] for p in dkray.list_pages([sub / "page1.png"])] == [str(sub / "page1.png")]
     with pytest.raises(FileNotFoundError, match="source: no such file"):
         dkray.list_pages(tmp_path / "missing")
     with pytest.raises(ValueError, match="share a page id"):
@@ -107,7 +109,8 @@ def test_pdf_pages_are_listed_read_and_preprocessed(tmp_path):
     pages = [dk.render_document_page(300, 420, seed=s) for s in (1, 2)]
     pages[0].save(tmp_path / "doc.pdf", save_all=True, append_images=pages[1:], resolution=72)
     items = dkray.list_pages(tmp_path)
-    assert [p["page_id"] for p in items] == ["doc.pdf#page=1", "doc.pdf#page=2"] and [p["index"] for p in items] == [0, 1]
+    pdf = str(tmp_path / "doc.pdf")
+    assert [p["page_id"] for p in items] == [f"{pdf}#page=1", f"{pdf}#page=2"] and [p["index"] for p in items] == [0, 1]
     rendered = dkray.read_page(items[1]["path"], 1)
     assert rendered.size == (300 * dkray.PDF_DPI // 72, 420 * dkray.PDF_DPI // 72)
     batch = {k: [p[k] for p in items] for k in ("page_id", "path", "index")} | {"mode": ["tiny", "tiny"]}
@@ -125,11 +128,12 @@ def test_command_line_passes_the_options_through(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(dkray, "encode_collection", fake)
     code = dkray.main(["a/", "b.png", "--out", str(tmp_path), "--mode", "gundam", "--format", "parquet",
-                       "--batch-size", "4", "--concurrency", "2", "--num-gpus", "0.5", "--max-crops", "6",
-                       "--object-store-mib", "512"])
+                       "--batch", "4", "--concurrency", "2", "--num-gpus", "0.5", "--max-crops", "6",
+                       "--object-store-mib", "512", "--backend", "reference", "--quiet"])
     assert code == 1 and "2/3 pages encoded, 1 failed" in capsys.readouterr().out
     assert seen == dict(source=["a/", "b.png"], out=str(tmp_path), mode="gundam", weights=None, fmt="parquet",
-                        shard_pages=256, batch_size=4, concurrency=2, num_gpus=0.5, max_crops=6, ray_address=None,
+                        shard_pages=256, batch_size=4, concurrency=2, num_gpus=0.5, device=None, dtype="auto",
+                        backend="reference", max_crops=6, ray_address=None, progress=False,
                         object_store_limit=512 * 2**20)
 
 
@@ -152,20 +156,20 @@ def test_tokens_equal_plain_encode_and_failures_are_reported(local_ray, tmp_path
     Image.new("RGB", (300, 300), "white").save(tmp_path / "pages" / "blank.png")      # fails in the encoder
     modes.update({"broken.png": "tiny", "blank.png": "small"})
     lines = []
-    summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=modes.__getitem__,
+    summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=lambda page_id: modes[Path(page_id).name],
                                       encoder_factory=FailsOnBlankPages, batch_size=3, concurrency=1, progress=lines.append,
                                       object_store_limit=256 * 2**20)
     assert summary.pages == 6 and summary.encoded == 4 and summary.duplicates == 0, summary
-    failed = dict(summary.failed)
+    failed = {Path(page_id).name: error for page_id, error in summary.failed}
     assert set(failed) == {"broken.png", "blank.png"}
     assert "UnidentifiedImageError" in failed["broken.png"] and "ValueError: blank page" in failed["blank.png"]
     assert (tmp_path / "out" / "errors.jsonl").read_text().count("page_id") == 2
     assert any("6/6 pages (2 failed)" in line for line in lines), lines
     got = dkray.read_tokens(tmp_path / "out")
-    assert sorted(got) == [f"page{i}.png" for i in range(4)]
+    assert sorted(got) == [str(tmp_path / "pages" / f"page{i}.png") for i in range(4)]
     enc = small_encoder()
     for page_id, tokens in got.items():
-        want = enc.encode(str(tmp_path / "pages" / page_id), modes[page_id])[0]
+        want = enc.encode(page_id, modes[Path(page_id).name])[0]
         assert tokens.shape == want.shape and tokens.dtype == torch.float32, page_id
         assert_close(tokens, want, torch.float32, msg=page_id)
 
@@ -173,14 +177,15 @@ def test_tokens_equal_plain_encode_and_failures_are_reported(local_ray, tmp_path
 def test_killed_worker_loses_and_duplicates_nothing(local_ray, tmp_path):
     modes = make_pages(tmp_path / "pages", 6)
     marker = tmp_path / "killed"
-    summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=modes.__getitem__, fmt="parquet",
+    summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=lambda p: modes[Path(p).name], fmt="parquet",
                                       shard_pages=4, encoder_factory=KillOnceFactory(str(marker)), batch_size=2,
                                       concurrency=1, progress=False)
     assert marker.exists(), "the encoder process was never killed"
     assert (summary.encoded, summary.failed, summary.duplicates) == (6, [], 0), summary
     assert len(summary.files) == 2 and all(f.endswith(".parquet") for f in summary.files)
     got = dkray.read_tokens(tmp_path / "out")
-    assert sorted(got) == sorted(modes)
+    assert sorted(got) == sorted(str(tmp_path / "pages" / name) for name in modes)
     enc = small_encoder()
-    for page_id in ("page0.png", "page5.png"):
-        assert_close(got[page_id], enc.encode(str(tmp_path / "pages" / page_id), modes[page_id])[0], torch.float32)
+    for name in ("page0.png", "page5.png"):
+        page_id = str(tmp_path / "pages" / name)
+        assert_close(got[page_id], enc.encode(page_id, modes[name])[0], torch.float32)

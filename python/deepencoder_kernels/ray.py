@@ -6,12 +6,16 @@
     summary = encode_collection("scans/", "tokens/", mode="gundam", weights="DeepSeek-OCR/")
     # or: deepencoder-kernels encode scans/ --out tokens/ --mode gundam --weights DeepSeek-OCR/ --ray
 
-The pipeline (streaming: pages flow through it, the collection is never held at once):
+It is built from :mod:`deepencoder_kernels.encode`'s steps (page listing and ids, PDF rendering,
+preprocessing, the packed batch encode, the safetensors writer), so ``encode --ray`` gives each
+page the tokens and the page id that ``encode`` gives it. The pipeline (streaming: pages flow
+through it, the collection is never held at once):
 
-1. the driver lists the pages (image files, and PDF pages when ``pypdfium2`` is installed), each
-   with a stable ``page_id`` (its path, ``#page=N`` for a PDF page) and a mode;
-2. CPU tasks read and preprocess them exactly as :func:`deepencoder_kernels.preprocess` does and
-   pass the views on as uint8 (4x smaller than the float pixels; rebuilt bit for bit);
+1. the driver lists the pages (folders are searched recursively, sorted; image files, and PDF
+   pages when ``pypdfium2`` is installed), each with ``encode``'s ``page_id`` (its path,
+   ``path#page=N`` for a PDF page) and a mode;
+2. CPU tasks read and preprocess them exactly as ``encode`` does and pass the views on as uint8
+   (4x smaller than the float pixels; rebuilt bit for bit);
 3. an actor pool (``map_batches`` with ``concurrency`` actors, one model per actor, ``num_gpus``
    each, or CPU actors locally) encodes each batch with the packed mixed-mode encoder
    (``encode_views_packed``: any mix of modes, Gundam tiles included, one packed pass); a batch
@@ -35,71 +39,42 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from . import config as cfg
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
-PDF_DPI = 144
+from . import encode as pages_io
+from .encode import IMAGE_SUFFIXES, PDF_DPI, PageRef
 
 
 # ---- pages ------------------------------------------------------------------------------------
 
 
 def list_pages(source) -> list[dict]:
-    """A folder (searched recursively, sorted), a file, or a list of files -> page items
-    ``{"page_id", "path", "index"}`` (``index``: the PDF page, -1 for an image file)."""
-    items = []
-    sources = list(source) if isinstance(source, (list, tuple)) else [source]
-    for src in sources:
+    """Folders (searched recursively, sorted), image files and PDFs (one or a list) -> page items
+    ``{"page_id", "path", "index"}`` (``index``: the PDF page, -1 for an image file), with
+    ``encode``'s page ids."""
+    files = []
+    for src in (list(source) if isinstance(source, (list, tuple)) else [source]):
         src = Path(src)
         if src.is_dir():
-            files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + (".pdf",))
-            named = [(p, p.relative_to(src).as_posix()) for p in files]
+            files += sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + (".pdf",))
         elif src.exists():
-            named = [(src, src.as_posix())]
+            files.append(src)
         else:
             raise FileNotFoundError(f"source: no such file or folder: {src}")
-        for path, name in named:
-            if path.suffix.lower() == ".pdf":
-                items += [{"page_id": f"{name}#page={k + 1}", "path": str(path), "index": k} for k in range(_pdf_len(path))]
-            else:
-                items.append({"page_id": name, "path": str(path), "index": -1})
+    items = [{"page_id": r.page_id, "path": r.path, "index": r.index} for r in pages_io.list_pages([str(f) for f in files])]
     ids = [it["page_id"] for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError("source: two pages share a page id (the same file listed twice?)")
     return items
 
 
-def _pdfium():
-    try:
-        import pypdfium2
-    except ImportError as e:
-        raise ImportError("PDF pages need pypdfium2 (pip install pypdfium2)") from e
-    return pypdfium2
-
-
-def _pdf_len(path) -> int:
-    doc = _pdfium().PdfDocument(str(path))
-    try:
-        return len(doc)
-    finally:
-        doc.close()
-
-
 def read_page(path: str, index: int):
-    """An image file (given to preprocess as a path: EXIF orientation applied) or one PDF page
-    rendered at ``PDF_DPI``."""
-    if index < 0:
-        return path
-    doc = _pdfium().PdfDocument(path)
-    try:
-        return doc[index].render(scale=PDF_DPI / 72).to_pil().convert("RGB")
-    finally:
-        doc.close()
+    """``encode``'s page reader: an image file's path, or a PDF page rendered at ``PDF_DPI``."""
+    return pages_io.read_page(PageRef(path, index))
 
 
 def _to_u8(pixels: torch.Tensor) -> np.ndarray:
@@ -115,12 +90,10 @@ def _from_u8(u8: np.ndarray) -> torch.Tensor:
 
 def preprocess_batch(batch: dict, max_crops: int = cfg.GUNDAM_MAX_CROPS) -> dict:
     """CPU stage: page items -> uint8 views (global [3, S, S], tiles [n, 3, T, T], grid) or an error."""
-    from .preprocess import preprocess
-
     out = {"page_id": [], "mode": [], "global_view": [], "tiles": [], "grid": [], "error": []}
     for page_id, path, index, mode in zip(batch["page_id"], batch["path"], batch["index"], batch["mode"]):
         try:
-            views = preprocess(read_page(str(path), int(index)), str(mode), max_crops)
+            views = pages_io.preprocess_page(read_page(str(path), int(index)), str(mode), max_crops)
             g = _to_u8(views.global_view)
             t = _to_u8(views.tiles) if views.tiles is not None else np.zeros((0, 3, 0, 0), np.uint8)
             grid, error = np.array(views.grid, np.int32), ""
@@ -176,13 +149,15 @@ class EncoderSpec:
 class EncodeActor:
     """One model per actor; ``__call__`` encodes a batch of preprocessed pages, packed."""
 
-    def __init__(self, spec: EncoderSpec, device: str | None = None, dtype: str = "auto"):
+    def __init__(self, spec: EncoderSpec, device: str | None = None, dtype: str = "auto", backend: str = "auto"):
+        self.backend = backend
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.enc = spec.build().to(self.device, getattr(torch, dtype)).eval()
 
     def __call__(self, batch: dict) -> dict:
+        from .dispatch import backend
         from .preprocess import Views
 
         n = len(batch["page_id"])
@@ -192,14 +167,14 @@ class EncodeActor:
                           _from_u8(batch["tiles"][i]) if batch["tiles"][i].shape[0] else None,
                           tuple(int(v) for v in batch["grid"][i])) for i in todo}
         tokens: dict[int, torch.Tensor] = {}
-        with torch.inference_mode():
+        with backend(self.backend):
             try:
                 if todo:
-                    tokens.update(zip(todo, self.enc.encode_views_packed([views[i] for i in todo])))
+                    tokens.update(zip(todo, pages_io.encode_views_batch(self.enc, [views[i] for i in todo])))
             except Exception:   # find the page(s) at fault: each alone
                 for i in todo:
                     try:
-                        tokens[i] = self.enc.encode_views(views[i])
+                        tokens[i] = pages_io.encode_views_batch(self.enc, [views[i]])[0]
                     except Exception as e:
                         errors[i] = _describe(e)
         out = {"page_id": [], "mode": [], "tokens": [], "n_tokens": [], "dtype": [], "error": []}
@@ -223,7 +198,7 @@ def tokens_of(row: dict) -> torch.Tensor:
 
 
 def build_dataset(pages: list[dict], spec: EncoderSpec, *, batch_size: int = 8, concurrency: int | None = None,
-                  num_gpus: float | None = None, device: str | None = None, dtype: str = "auto",
+                  num_gpus: float | None = None, device: str | None = None, dtype: str = "auto", backend: str = "auto",
                   max_crops: int = cfg.GUNDAM_MAX_CROPS, preprocess_cpus: float = 1):
     """The Ray Data pipeline over page items that carry a ``mode``; lazy: nothing runs until consumed.
     ``num_gpus`` per actor defaults to 1 when the cluster has GPUs, else 0 (CPU actors);
@@ -239,7 +214,7 @@ def build_dataset(pages: list[dict], spec: EncoderSpec, *, batch_size: int = 8, 
         concurrency = max(1, int(gpus // num_gpus)) if num_gpus else 1
     ds = ray.data.from_items(pages)
     ds = ds.map_batches(preprocess_batch, batch_size=1, fn_kwargs={"max_crops": max_crops}, num_cpus=preprocess_cpus)
-    return ds.map_batches(EncodeActor, fn_constructor_args=(spec, device, dtype), batch_size=batch_size,
+    return ds.map_batches(EncodeActor, fn_constructor_args=(spec, device, dtype, backend), batch_size=batch_size,
                           concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1)
 
 
@@ -273,11 +248,12 @@ class _ShardWriter:
         if not self.rows:
             return
         path = self.out / f"tokens-{len(self.files):05d}.{self.fmt}"
-        if self.fmt == "safetensors":
-            from safetensors.torch import save_file
-
-            meta = {"page_ids": json.dumps([p for p, _, _ in self.rows]), "modes": json.dumps({p: m for p, m, _ in self.rows})}
-            save_file({p: t.contiguous() for p, _, t in self.rows}, str(path), metadata=meta)
+        if self.fmt == "safetensors":   # encode's writer and metadata, plus each page's mode
+            writer = pages_io.TokenWriter(path)
+            for page_id, _, tokens in self.rows:
+                writer.add(page_id, tokens)
+            writer.close({"page_ids": json.dumps([p for p, _, _ in self.rows]), "modes": json.dumps({p: m for p, m, _ in self.rows}),
+                          "dim": str(self.rows[0][2].shape[1])})
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -295,7 +271,7 @@ class _ShardWriter:
 
 def encode_collection(source, output, mode="base", weights: str | None = None, *, encoder_factory: Callable | None = None,
                       fmt: str = "safetensors", shard_pages: int = 256, batch_size: int = 8, concurrency: int | None = None,
-                      num_gpus: float | None = None, device: str | None = None, dtype: str = "auto",
+                      num_gpus: float | None = None, device: str | None = None, dtype: str = "auto", backend: str = "auto",
                       max_crops: int = cfg.GUNDAM_MAX_CROPS, object_store_limit: int | None = None,
                       progress: bool | Callable[[str], None] = True, ray_address: str | None = None) -> Summary:
     """Encode every page of ``source`` (folder, file or list) into ``output`` (a folder).
@@ -325,7 +301,7 @@ def encode_collection(source, output, mode="base", weights: str | None = None, *
     try:
         return _run(pages, Path(output), EncoderSpec(weights=weights, factory=encoder_factory), say, fmt, shard_pages,
                     dict(batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, device=device, dtype=dtype,
-                         max_crops=max_crops))
+                         backend=backend, max_crops=max_crops))
     finally:
         options.resource_limits = limits
 
@@ -366,9 +342,7 @@ def read_tokens(output) -> dict[str, torch.Tensor]:
     found = {}
     for path in sorted(Path(output).glob("tokens-*")):
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            found.update(load_file(str(path)))
+            found.update(pages_io.load_tokens(path)[0])
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -378,22 +352,24 @@ def read_tokens(output) -> dict[str, torch.Tensor]:
     return found
 
 
-def add_arguments(parser) -> None:
-    """The pipeline's options, shared by ``python -m deepencoder_kernels.ray`` and ``encode --ray``."""
-    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--format", dest="fmt", default="safetensors", choices=["safetensors", "parquet"])
-    parser.add_argument("--shard-pages", type=int, default=256, help="pages per output file")
-    parser.add_argument("--batch-size", type=int, default=8, help="pages per packed encoder batch")
-    parser.add_argument("--concurrency", type=int, help="encoder actors (default: one per GPU, 1 on CPU)")
-    parser.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
-    parser.add_argument("--max-crops", type=int, default=cfg.GUNDAM_MAX_CROPS, help="Gundam tile budget (vLLM's config: 6)")
-    parser.add_argument("--object-store-mib", type=int, help="object store budget of the pipeline (default: Ray Data's)")
+def add_ray_arguments(parser) -> None:
+    """The options only the Ray pipeline has (``encode --ray`` and ``python -m deepencoder_kernels.ray``)."""
+    g = parser.add_argument_group("Ray (with --ray)")
+    g.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--format", dest="fmt", default="safetensors", choices=["safetensors", "parquet"])
+    g.add_argument("--shard-pages", type=int, default=256, help="pages per output file")
+    g.add_argument("--concurrency", type=int, help="encoder actors (default: one per GPU, 1 on CPU)")
+    g.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
+    g.add_argument("--object-store-mib", type=int, help="object store budget of the pipeline (default: Ray Data's)")
 
 
 def run_from_args(args) -> int:
-    summary = encode_collection(args.source, args.out, args.mode, args.weights, fmt=args.fmt, shard_pages=args.shard_pages,
-                                batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
-                                max_crops=args.max_crops, ray_address=args.ray_address,
+    """``encode``'s arguments (paths, --out as a folder, --mode, --weights, --batch, --max-crops,
+    --dtype, --device, --backend) plus :func:`add_ray_arguments`'."""
+    summary = encode_collection(args.paths, args.out, args.mode, args.weights, fmt=args.fmt, shard_pages=args.shard_pages,
+                                batch_size=args.batch, concurrency=args.concurrency, num_gpus=args.num_gpus,
+                                device=args.device, dtype=args.dtype, backend=args.backend, max_crops=args.max_crops,
+                                ray_address=args.ray_address, progress=not getattr(args, "quiet", False),
                                 object_store_limit=args.object_store_mib and args.object_store_mib * 2**20)
     print(summary)
     return 1 if summary.failed else 0
@@ -403,11 +379,18 @@ def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m deepencoder_kernels.ray", description=__doc__.split("\n")[0])
-    parser.add_argument("source", nargs="+", help="folders, image files or PDFs")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="folders, image files and PDFs")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--mode", default="base", choices=sorted(cfg.MODES))
     parser.add_argument("--weights", help="DeepSeek-OCR safetensors file or folder (default: seeded random weights)")
-    add_arguments(parser)
+    parser.add_argument("--batch", type=int, default=8, help="pages per packed encoder batch")
+    parser.add_argument("--max-crops", type=int, default=cfg.GUNDAM_MAX_CROPS, help="Gundam tile budget (vLLM's config: 6)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="auto: bfloat16 on GPU actors, float32 on CPU actors")
+    parser.add_argument("--device", help="the actors' device (default: cuda when an actor has a GPU)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "triton-interpret", "cpp"])
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_ray_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 
 
