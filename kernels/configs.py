@@ -34,8 +34,8 @@ def rel_pos_attention_config(window_size: int, seq_h: int, seq_w: int) -> tuple[
 REL_POS_ATTENTION_BWD = {
     "windowed": (dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
                  dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
-    "global": (dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
-               dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
+    "global": (dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
+               dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
 }
 
 
@@ -43,8 +43,9 @@ def rel_pos_attention_bwd_config(window_size: int, seq_h: int, seq_w: int) -> tu
     """(name, dq kernel config, dkv kernel config)."""
     name = "windowed" if window_size > 0 else "global"
     lp = dict(LP_H=max(16, next_pow2(2 * seq_h - 1)), LP_W=max(16, next_pow2(2 * seq_w - 1)))
+    lk = dict(LK_H=max(16, next_pow2(seq_h)), LK_W=max(16, next_pow2(seq_w)))   # the dq kernel's dS sums per key row / column
     dq, dkv = REL_POS_ATTENTION_BWD[name]
-    return name, {**dq, **lp}, {**dkv, **lp}
+    return name, {**dq, **lp, **lk}, {**dkv, **lp}
 
 
 # Packed varlen attention. Without a bias (CLIP: 65..401 tokens, d = 64) the q tile is 64 rows so

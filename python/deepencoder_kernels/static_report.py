@@ -9,6 +9,7 @@ Must run with TRITON_INTERPRET unset (the AOT compiler needs real JIT functions)
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -99,13 +100,43 @@ def rel_pos_attention_cases():
             conf = dict(conf)
             launch = conf.pop("num_warps"), conf.pop("num_stages")
             constexprs = dict(C=cfg.SAM_DIM, HEAD_DIM=cfg.HEAD_DIM, WINDOWED=window > 0, HAS_PAD=window > 0,
-                              IEEE_DOT=False, UPCAST_DOT=False, **conf)
+                              IEEE_DOT=False, UPCAST_DOT=False, **conf, STORE_LSE=False)
             yield f"{mode}/{block}", name, constexprs, *launch
+
+
+def rel_pos_attention_bwd_cases(kernel: str):
+    """The backward's ``dq`` or ``dkv`` kernel for the windowed and global blocks of each mode's grid."""
+    from deepencoder_kernels.kernels.configs import rel_pos_attention_bwd_config
+
+    for mode, size in MODE_SIZES.items():
+        g = cfg.sam_grid(size)
+        for block, window in (("windowed", cfg.SAM_WINDOW), ("global", 0)):
+            side = window or g
+            name, dq, dkv = rel_pos_attention_bwd_config(window, side, side)
+            conf = dict(dq if kernel == "dq" else dkv)
+            launch = conf.pop("num_warps"), conf.pop("num_stages")
+            constexprs = dict(C=cfg.SAM_DIM, HEAD_DIM=cfg.HEAD_DIM, WINDOWED=window > 0, HAS_PAD=window > 0,
+                              IEEE_DOT=False, UPCAST_DOT=False, **conf)
+            yield f"{mode}/{block}", f"{name}/{kernel}", constexprs, *launch
+
+
+def rel_pos_attention_bwd_signature(kernel: str, dtype: str) -> dict:
+    p = "*" + dtype
+    names = (("qkv_ptr", p), ("table_h_ptr", p), ("table_w_ptr", p)) + ((("out_ptr", p),) if kernel == "dq" else ()) + (
+        ("dout_ptr", p), ("lse_ptr", "*fp32"), ("delta_ptr", "*fp32"), ("dqkv_ptr", p))
+    names += (("dtable_h_ptr", "*fp32"), ("dtable_w_ptr", "*fp32")) if kernel == "dq" else (("dpad_ptr", "*fp32"),)
+    sig = dict(names + (("pad_ptr", p),))
+    sig.update({name: "i32" for name in ("stride_qb", "stride_qh", "stride_qw", "stride_ob", "stride_oh", "stride_ow",
+                                         "stride_gb", "stride_gh", "stride_gw", "H", "W", "SEQ_H", "SEQ_W", "windows_w",
+                                         "windows_per_image", "num_heads", "num_m_tiles" if kernel == "dq" else "num_n_tiles")})
+    sig["sm_scale"] = "fp32"
+    return sig
 
 
 def rel_pos_attention_signature(dtype: str) -> dict:
     p = "*" + dtype
     sig = {name: p for name in ("qkv_ptr", "pad_ptr", "table_h_ptr", "table_w_ptr", "out_ptr")}
+    sig["lse_ptr"] = "*fp32"
     sig.update({name: "i32" for name in ("stride_qb", "stride_qh", "stride_qw", "stride_ob", "stride_oh", "stride_ow",
                                          "H", "W", "SEQ_H", "SEQ_W", "windows_w", "windows_per_image", "num_heads",
                                          "num_m_tiles")})
@@ -163,10 +194,15 @@ def kernel_specs():
     """(report name, kernel, cases, signature for a dtype) of every shipped Triton kernel."""
     from deepencoder_kernels.kernels.compress import _conv_nhwc_kernel
     from deepencoder_kernels.kernels.rel_pos_attention import _rel_pos_attention_fwd_kernel
+    from deepencoder_kernels.kernels.rel_pos_attention_backward import _rel_pos_attention_bwd_dkv_kernel, _rel_pos_attention_bwd_dq_kernel
     from deepencoder_kernels.kernels.varlen_attention import _varlen_attention_fwd_kernel
 
     return [
         ("rel_pos_attention", _rel_pos_attention_fwd_kernel, rel_pos_attention_cases, rel_pos_attention_signature),
+        ("rel_pos_attention_bwd_dq", _rel_pos_attention_bwd_dq_kernel, functools.partial(rel_pos_attention_bwd_cases, "dq"),
+         functools.partial(rel_pos_attention_bwd_signature, "dq")),
+        ("rel_pos_attention_bwd_dkv", _rel_pos_attention_bwd_dkv_kernel, functools.partial(rel_pos_attention_bwd_cases, "dkv"),
+         functools.partial(rel_pos_attention_bwd_signature, "dkv")),
         ("varlen_attention", _varlen_attention_fwd_kernel, varlen_attention_cases, varlen_attention_signature),
         ("compress", _conv_nhwc_kernel, compress_cases, compress_signature),
     ]
