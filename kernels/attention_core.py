@@ -83,11 +83,29 @@ def sum_by_key_coord(ds, key_coord, valid_n, LP: tl.constexpr, PRECISION: tl.con
 
 
 @triton.jit
-def rel_pos_table_grad(t, q_coord, side, LP: tl.constexpr):
-    """``d(qR)[i, r]`` from ``T`` of :func:`sum_by_key_coord`: table row ``r = c_i - c_j + side - 1``
-    of query ``i`` gathers the keys at coordinate ``c_j = c_i + side - 1 - r`` ([BLOCK_M, LP])."""
-    r = tl.arange(0, LP)
+def rel_pos_table_grad(t, q_coord, side, r, LK: tl.constexpr):
+    """``d(qR)[i, r]`` for the table rows ``r`` ([BLOCK_M, len(r)]) from ``T`` ([BLOCK_M, LK]) of
+    :func:`sum_by_key_coord`: table row ``r = c_i - c_j + side - 1`` of query ``i`` gathers the keys
+    at coordinate ``c_j = c_i + side - 1 - r``."""
     src = q_coord[:, None] + side - 1 - r[None, :]
     ok = (src >= 0) & (src < side)
-    src = tl.minimum(tl.maximum(src, 0), LP - 1)
+    src = tl.minimum(tl.maximum(src, 0), LK - 1)
     return tl.where(ok, tl.gather(t, src, 1), 0.0)
+
+
+@triton.jit
+def through_rel_pos_table(dq, t, q, q_coord, side, table_ptr, dtable_ptr, d, LK: tl.constexpr, LP: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """The bias gradient of one q tile through one table: ``dq += d(qR) table`` and this program's
+    partial ``d(table) = d(qR)^T q`` stored at ``dtable_ptr`` (``2 side - 1`` rows). Taken 64 table
+    rows at a time so that long tables (Large's 159 rows) stay in registers."""
+    CHUNK: tl.constexpr = 64 if LP > 64 else LP
+    rows = 2 * side - 1
+    for r0 in range(0, LP, CHUNK):   # a loop, not unrolled: one chunk live at a time
+        r = r0 + tl.arange(0, CHUNK)
+        d_qr = rel_pos_table_grad(t, q_coord, side, r, LK).to(q.dtype)
+        table = tl.load(table_ptr + r[:, None] * HEAD_DIM + d[None, :], mask=(r < rows)[:, None], other=0.0)
+        dq += tl.dot(d_qr, table.to(q.dtype), input_precision=PRECISION)
+        dt = tl.dot(tl.trans(d_qr), q, input_precision=PRECISION)
+        tl.store(dtable_ptr + r[:, None] * HEAD_DIM + d[None, :], dt, mask=(r < rows)[:, None])
+    return dq

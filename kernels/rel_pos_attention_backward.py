@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ._runtime import launch_grid
-from .attention_core import q_rel_pos_tables, recompute_probs, rel_pos_bias_tile, rel_pos_table_grad, sum_by_key_coord, tile_of_program
+from .attention_core import (q_rel_pos_tables, recompute_probs, rel_pos_bias_tile, sum_by_key_coord, through_rel_pos_table,
+                             tile_of_program)
 from .configs import rel_pos_attention_bwd_config
 from .rel_pos_attention import _sequence_tokens
 
@@ -49,6 +50,7 @@ def _rel_pos_attention_bwd_dq_kernel(
     C: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOWED: tl.constexpr, HAS_PAD: tl.constexpr,
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
+    LK_H: tl.constexpr, LK_W: tl.constexpr,     # key rows / columns of a sequence, padded to a power of two
 ):
     pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
     b, origin_y, origin_x = _sequence_origin(seq, SEQ_H, SEQ_W, windows_w, windows_per_image, WINDOWED)
@@ -79,8 +81,8 @@ def _rel_pos_attention_bwd_dq_kernel(
         pad_v = tl.load(pad_ptr + 2 * C + head * HEAD_DIM + d)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    t_h = tl.zeros([BLOCK_M, LP_H], dtype=tl.float32)
-    t_w = tl.zeros([BLOCK_M, LP_W], dtype=tl.float32)
+    t_h = tl.zeros([BLOCK_M, LK_H], dtype=tl.float32)
+    t_w = tl.zeros([BLOCK_M, LK_W], dtype=tl.float32)
     for start_n in range(0, n_tokens, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         ky, kx, ky_g, kx_g, in_seq_n, real_n = _sequence_tokens(offs_n, SEQ_W, n_tokens, origin_y, origin_x, H, W)
@@ -96,29 +98,18 @@ def _rel_pos_attention_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=precision)
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dq += tl.dot(ds, k.to(q.dtype), input_precision=precision)
-        t_h += sum_by_key_coord(ds, ky, in_seq_n, LP_H, precision)
-        t_w += sum_by_key_coord(ds, kx, in_seq_n, LP_W, precision)
+        t_h += sum_by_key_coord(ds, ky, in_seq_n, LK_H, precision)
+        t_w += sum_by_key_coord(ds, kx, in_seq_n, LK_W, precision)
 
     # ---- the bias gradient through the gather, then through q.R ----------------------------------
-    d_qrh = rel_pos_table_grad(t_h, ty, SEQ_H, LP_H).to(q.dtype)
-    d_qrw = rel_pos_table_grad(t_w, tx, SEQ_W, LP_W).to(q.dtype)
-    rows_h = tl.arange(0, LP_H)
-    rows_w = tl.arange(0, LP_W)
-    table_h = tl.load(table_h_ptr + rows_h[:, None] * HEAD_DIM + d[None, :], mask=(rows_h < 2 * SEQ_H - 1)[:, None], other=0.0)
-    table_w = tl.load(table_w_ptr + rows_w[:, None] * HEAD_DIM + d[None, :], mask=(rows_w < 2 * SEQ_W - 1)[:, None], other=0.0)
     dq = dq * sm_scale
-    dq += tl.dot(d_qrh, table_h.to(q.dtype), input_precision=precision)
-    dq += tl.dot(d_qrw, table_w.to(q.dtype), input_precision=precision)
+    pid = tl.program_id(0).to(tl.int64)
+    dq = through_rel_pos_table(dq, t_h, q, ty, SEQ_H, table_h_ptr, dtable_h_ptr + pid * (2 * SEQ_H - 1) * HEAD_DIM, d,
+                               LK_H, LP_H, HEAD_DIM, precision)
+    dq = through_rel_pos_table(dq, t_w, q, tx, SEQ_W, table_w_ptr, dtable_w_ptr + pid * (2 * SEQ_W - 1) * HEAD_DIM, d,
+                               LK_W, LP_W, HEAD_DIM, precision)
     g_offs = b.to(tl.int64) * stride_gb + head * HEAD_DIM + gy * stride_gh + gx * stride_gw
     tl.store(dqkv_ptr + g_offs[:, None] + d[None, :], dq.to(dqkv_ptr.dtype.element_ty), mask=real_m[:, None])
-
-    pid = tl.program_id(0).to(tl.int64)
-    dt_h = tl.dot(tl.trans(d_qrh), q, input_precision=precision)   # [LP_H, d]
-    tl.store(dtable_h_ptr + (pid * (2 * SEQ_H - 1) + rows_h[:, None]) * HEAD_DIM + d[None, :], dt_h,
-             mask=(rows_h < 2 * SEQ_H - 1)[:, None])
-    dt_w = tl.dot(tl.trans(d_qrw), q, input_precision=precision)
-    tl.store(dtable_w_ptr + (pid * (2 * SEQ_W - 1) + rows_w[:, None]) * HEAD_DIM + d[None, :], dt_w,
-             mask=(rows_w < 2 * SEQ_W - 1)[:, None])
 
 
 @triton.jit
