@@ -137,6 +137,19 @@ def test_command_line_passes_the_options_through(monkeypatch, tmp_path, capsys):
                         object_store_limit=512 * 2**20)
 
 
+def test_encode_verb_with_ray_runs_the_pipeline_with_its_arguments(monkeypatch, tmp_path, capsys):
+    from deepencoder_kernels import cli
+
+    seen = {}
+    monkeypatch.setattr(dkray, "encode_collection",
+                        lambda source, out, mode, weights, **kw: seen.update(source=source, mode=mode, **kw) or dkray.Summary(pages=1, encoded=1))
+    assert cli.main(["encode", "a.png", "doc.pdf", "--out", str(tmp_path), "--mode", "tiny", "--ray", "--batch", "3",
+                     "--concurrency", "2", "--ray-address", "ray://head:10001", "--format", "parquet"]) == 0
+    assert seen["source"] == ["a.png", "doc.pdf"] and seen["mode"] == "tiny" and seen["batch_size"] == 3
+    assert (seen["concurrency"], seen["ray_address"], seen["fmt"], seen["max_crops"]) == (2, "ray://head:10001", "parquet", 9)
+    assert "1/1 pages encoded" in capsys.readouterr().out
+
+
 # ---- on a local Ray cluster ------------------------------------------------------------------
 
 
@@ -158,6 +171,7 @@ def test_tokens_equal_plain_encode_and_failures_are_reported(local_ray, tmp_path
     lines = []
     summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=lambda page_id: modes[Path(page_id).name],
                                       encoder_factory=FailsOnBlankPages, batch_size=3, concurrency=1, progress=lines.append,
+                                      dtype="float32",
                                       object_store_limit=256 * 2**20)
     assert summary.pages == 6 and summary.encoded == 4 and summary.duplicates == 0, summary
     failed = {Path(page_id).name: error for page_id, error in summary.failed}
@@ -178,7 +192,7 @@ def test_killed_worker_loses_and_duplicates_nothing(local_ray, tmp_path):
     modes = make_pages(tmp_path / "pages", 6)
     marker = tmp_path / "killed"
     summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=lambda p: modes[Path(p).name], fmt="parquet",
-                                      shard_pages=4, encoder_factory=KillOnceFactory(str(marker)), batch_size=2,
+                                      shard_pages=4, encoder_factory=KillOnceFactory(str(marker)), batch_size=2, dtype="float32",
                                       concurrency=1, progress=False)
     assert marker.exists(), "the encoder process was never killed"
     assert (summary.encoded, summary.failed, summary.duplicates) == (6, [], 0), summary

@@ -27,6 +27,10 @@ def _profile(args) -> int:
 
 
 def _encode(args) -> int:
+    if args.ray:   # the same steps as a Ray Data pipeline (deepencoder_kernels.ray); --out is a folder there
+        from .ray import run_from_args
+
+        return run_from_args(args)
     from . import dispatch
     from .encode import encode_files
     from .profiler import choose_timing_dtype, random_encoder
@@ -90,6 +94,11 @@ def main(argv=None) -> int:
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "triton-interpret", "cpp"])
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--ray", action="store_true", help="run on Ray (a local one, or --ray-address / RAY_ADDRESS): CPU "
+                   "preprocessing tasks, one encoder per GPU actor; --out is then a folder of token shards ('ray' extra)")
+    from .ray import add_ray_arguments
+
+    add_ray_arguments(e)
     e.set_defaults(run=_encode)
     i = sub.add_parser("info", help="which backends can run here, and why not")
 

@@ -152,9 +152,13 @@ class EncodeActor:
     def __init__(self, spec: EncoderSpec, device: str | None = None, dtype: str = "auto", backend: str = "auto"):
         self.backend = backend
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.enc = spec.build().to(self.device, getattr(torch, dtype)).eval()
+        if dtype == "auto":   # encode's rule: bf16, unless this CPU only emulates it (measured): then fp32
+            from .profiler import choose_timing_dtype
+
+            self.dtype = choose_timing_dtype(torch.bfloat16, self.device)[0]
+        else:
+            self.dtype = getattr(torch, dtype)
+        self.enc = spec.build().to(self.device, self.dtype).eval()
 
     def __call__(self, batch: dict) -> dict:
         from .dispatch import backend
@@ -386,7 +390,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="pages per packed encoder batch")
     parser.add_argument("--max-crops", type=int, default=cfg.GUNDAM_MAX_CROPS, help="Gundam tile budget (vLLM's config: 6)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="auto: bfloat16 on GPU actors, float32 on CPU actors")
+                        help="auto: bfloat16, or float32 on a CPU that only emulates bfloat16 (measured)")
     parser.add_argument("--device", help="the actors' device (default: cuda when an actor has a GPU)")
     parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "triton-interpret", "cpp"])
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
