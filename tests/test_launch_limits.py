@@ -7,8 +7,8 @@ import pytest
 
 from deepencoder_kernels import config as cfg
 from deepencoder_kernels.kernels._runtime import MAX_GRID, launch_grid
-from deepencoder_kernels.kernels.compress import conv_grid
-from deepencoder_kernels.kernels.configs import compress_config, varlen_attention_config
+from deepencoder_kernels.kernels.compress import conv_grid, dgrad_grid, wgrad_grid
+from deepencoder_kernels.kernels.configs import compress_bwd_config, compress_config, varlen_attention_config
 from deepencoder_kernels.kernels.rel_pos_attention import launch_args
 from deepencoder_kernels.kernels.varlen_attention import varlen_grid
 
@@ -56,3 +56,21 @@ def test_varlen_attention_grid_at_serving_scale(case):
 def test_compress_grid_at_serving_scale(step, c_out):
     pixels = sum(n * cfg.sam_grid(size) ** 2 for size, n in VIEWS.items())
     assert within_limits(conv_grid(pixels, c_out, compress_config(step, c_out)))
+
+
+@pytest.mark.parametrize("step,ksize,stride,c_in,c_out", [
+    ("neck_1x1", 1, 1, cfg.SAM_DIM, cfg.SAM_NECK_DIM), ("neck_3x3", 3, 1, cfg.SAM_NECK_DIM, cfg.SAM_NECK_DIM),
+    ("net2", 3, 2, cfg.SAM_NECK_DIM, cfg.SAM_OUT_DIM // 2), ("net3", 3, 2, cfg.SAM_OUT_DIM // 2, cfg.SAM_OUT_DIM)])
+def test_compress_backward_grids_at_serving_scale(step, ksize, stride, c_in, c_out):
+    """The backward's input-gradient (parity classes x pixel tiles on x) and weight-gradient (1-D)
+    launches, training on the same batch."""
+    shapes = [(n, cfg.sam_grid(size)) for size, n in VIEWS.items()]
+    pixels_in = sum(n * g * g for n, g in shapes)
+    pixels_out = sum(n * ((g + stride - 1) // stride) ** 2 for n, g in shapes)
+    dgrad = f"{step}_dgrad_ln" if step in ("neck_3x3", "net2") else f"{step}_dgrad"
+    # one batch of the larger view size alone bounds the largest parity class
+    grid = dgrad_grid(sum(n for n, _ in shapes), cfg.sam_grid(1024), cfg.sam_grid(1024), stride, c_in,
+                      compress_bwd_config(dgrad, c_in))
+    assert within_limits(grid) and grid[0] * compress_bwd_config(dgrad, c_in)["BLOCK_M"] >= pixels_in
+    grid, splits, _ = wgrad_grid(pixels_out, ksize, c_in, c_out, compress_bwd_config(f"{step}_wgrad", c_out))
+    assert within_limits(grid) and splits >= 1

@@ -61,7 +61,7 @@ def cubin_figures(cubin: bytes, target: str) -> dict:
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
     grab = lambda key: int(m.group(1)) if (m := re.search(rf"\b{key}:(\d+)", usage)) else 0  # noqa: E731
-    mnemonics = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    mnemonics = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
     tc = sum(1 for m in mnemonics if m.split(".")[0] in TENSOR_CORE_OPS[target])
     return dict(registers=grab("REG"), spill_bytes=grab("LOCAL") + grab("STACK"), shared_bytes=grab("SHARED"),
                 tensor_core_instructions=tc)
@@ -175,24 +175,58 @@ def compress_cases():
     steps = (("neck_1x1_ln", 1, 1, 0, True, cfg.SAM_NECK_DIM), ("neck_3x3_ln", 3, 1, 1, True, cfg.SAM_NECK_DIM),
              ("net2_3x3_s2", 3, 2, 1, False, cfg.SAM_OUT_DIM // 2), ("net3_3x3_s2", 3, 2, 1, False, cfg.SAM_OUT_DIM))
     for name, ksize, stride, pad, has_ln, c_out in steps:
-        conf = compress_config(name, c_out)
-        launch = conf.pop("num_warps"), conf.pop("num_stages")
-        yield f"all-modes/{name}", name, dict(KSIZE=ksize, STRIDE=stride, PAD=pad, HAS_LN=has_ln, IEEE_DOT=False,
-                                               UPCAST_DOT=False, **conf), *launch
+        for save in (False, True) if has_ln else (False,):   # training also stores the pre-norm output + stats
+            conf = compress_config(name, c_out)
+            launch = conf.pop("num_warps"), conf.pop("num_stages")
+            yield f"all-modes/{name}{'+save' if save else ''}", name, dict(
+                KSIZE=ksize, STRIDE=stride, PAD=pad, HAS_LN=has_ln, SAVE_STATS=save, IEEE_DOT=False, UPCAST_DOT=False,
+                **conf), *launch
 
 
 def compress_signature(dtype: str) -> dict:
     p = "*" + dtype
-    sig = {"x_ptr": p, "w_ptr": p, "out_ptr": p, "ln_w_ptr": p, "ln_b_ptr": p}
+    sig = {"x_ptr": p, "w_ptr": p, "out_ptr": p, "ln_w_ptr": p, "ln_b_ptr": p, "pre_ptr": p, "stats_ptr": "*fp32"}
     sig.update({name: "i32" for name in ("stride_xb", "stride_xh", "stride_xw", "H", "W", "Ho", "Wo", "C_in", "C_out",
                                          "num_pixels")})
     sig["eps"] = "fp32"
     return sig
 
 
+# the backward's steps: (config, kernel size, stride, pad, LayerNorm fused, channels of the dgrad tile / wgrad C_out)
+COMPRESS_DGRAD_STEPS = (("neck_1x1_dgrad", 1, 1, 0, False, cfg.SAM_DIM), ("neck_3x3_dgrad_ln", 3, 1, 1, True, cfg.SAM_NECK_DIM),
+                        ("net2_dgrad_ln", 3, 2, 1, True, cfg.SAM_NECK_DIM), ("net3_dgrad", 3, 2, 1, False, cfg.SAM_OUT_DIM // 2))
+COMPRESS_WGRAD_STEPS = (("neck_1x1_wgrad", 1, 1, 0, False, cfg.SAM_NECK_DIM), ("neck_3x3_wgrad", 3, 1, 1, True, cfg.SAM_NECK_DIM),
+                        ("net2_wgrad", 3, 2, 1, True, cfg.SAM_OUT_DIM // 2), ("net3_wgrad", 3, 2, 1, False, cfg.SAM_OUT_DIM))
+
+
+def compress_bwd_cases(kind: str):
+    """The backward's input-gradient (``dgrad``: LayerNorm backward fused where the input was normed)
+    and weight-gradient (``wgrad``: the norm recomputed on load) kernels at DeepEncoder's channels."""
+    from deepencoder_kernels.kernels.configs import compress_bwd_config
+
+    for name, ksize, stride, pad, ln, channels in (COMPRESS_DGRAD_STEPS if kind == "dgrad" else COMPRESS_WGRAD_STEPS):
+        conf = {k: v for k, v in compress_bwd_config(name, channels).items() if k not in ("PROGRAMS", "MIN_PIXELS")}
+        launch = conf.pop("num_warps"), conf.pop("num_stages")
+        flag = "LN_BWD" if kind == "dgrad" else "LN_IN"
+        yield f"all-modes/{name}", name, dict(KSIZE=ksize, STRIDE=stride, PAD=pad, **{flag: ln}, IEEE_DOT=False,
+                                               UPCAST_DOT=False, **conf), *launch
+
+
+def compress_bwd_signature(kind: str, dtype: str) -> dict:
+    p, f = "*" + dtype, "*fp32"
+    if kind == "dgrad":
+        sig = {"dy_ptr": p, "w_ptr": p, "dx_ptr": p, "pre_ptr": p, "stats_ptr": f, "ln_w_ptr": p, "part_ptr": f}
+        sig.update({name: "i32" for name in ("H", "W", "Ho", "Wo", "C_in", "C_out", "batch", "class_tiles")})
+    else:
+        sig = {"x_ptr": p, "dy_ptr": p, "part_ptr": f, "stats_ptr": f, "ln_w_ptr": p, "ln_b_ptr": p}
+        sig.update({name: "i32" for name in ("stride_xb", "stride_xh", "stride_xw", "H", "W", "Ho", "Wo", "C_in", "C_out",
+                                             "num_pixels", "pixels_per_split")})
+    return sig
+
+
 def kernel_specs():
     """(report name, kernel, cases, signature for a dtype) of every shipped Triton kernel."""
-    from deepencoder_kernels.kernels.compress import _conv_nhwc_kernel
+    from deepencoder_kernels.kernels.compress import _conv_nhwc_dgrad_kernel, _conv_nhwc_kernel, _conv_nhwc_wgrad_kernel
     from deepencoder_kernels.kernels.rel_pos_attention import _rel_pos_attention_fwd_kernel
     from deepencoder_kernels.kernels.rel_pos_attention_backward import _rel_pos_attention_bwd_dkv_kernel, _rel_pos_attention_bwd_dq_kernel
     from deepencoder_kernels.kernels.varlen_attention import _varlen_attention_fwd_kernel
@@ -205,6 +239,10 @@ def kernel_specs():
          functools.partial(rel_pos_attention_bwd_signature, "dkv")),
         ("varlen_attention", _varlen_attention_fwd_kernel, varlen_attention_cases, varlen_attention_signature),
         ("compress", _conv_nhwc_kernel, compress_cases, compress_signature),
+        ("compress_bwd_dgrad", _conv_nhwc_dgrad_kernel, functools.partial(compress_bwd_cases, "dgrad"),
+         functools.partial(compress_bwd_signature, "dgrad")),
+        ("compress_bwd_wgrad", _conv_nhwc_wgrad_kernel, functools.partial(compress_bwd_cases, "wgrad"),
+         functools.partial(compress_bwd_signature, "wgrad")),
     ]
 
 

@@ -6,7 +6,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import config as cfg
 from .. import dispatch, reference
-from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, derived, impl_of, kernel_layout, run,
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, derived, impl_of, kernel_layout,
+                      needs_grad, run,
                       triton_backends)
 
 OP = "compress"
@@ -63,7 +64,7 @@ def compress(
     neck1_w, neck1_b, neck3_w, neck3_b = (kernel_layout(t) for t in (neck1_w, neck1_b, neck3_w, neck3_b))
     weights = (neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w)
     args = (x, *weights, eps)
-    return run(OP, _compress_op, args, x.device, x.dtype)
+    return run(OP, _compress_with_grad if needs_grad(*args) else _compress_op, args, x.device, x.dtype)
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP}", mutates_args=())
@@ -133,4 +134,115 @@ def _fused_accepts(x, neck0_w, *rest):
     return None if c <= MAX_LN_CHANNELS else f"neck channels {c} > {MAX_LN_CHANNELS} (LayerNorm tile on chip)"
 
 
-triton_backends(OP, _fused, _fused_accepts)
+triton_backends(OP, _fused, _fused_accepts, differentiable=True)
+
+
+# ---- training: forward that keeps what the backward needs, backward kernels ------------------------
+#
+# Saved: x (the caller's tensor, not copied), the two LayerNorm convs' outputs before the norm (c1,
+# c2; activation dtype) with each pixel's mean and rstd (fp32, 8 bytes a pixel), and net_2's output
+# y3. The normalised y1, y2 are recomputed inside the weight-gradient kernels as they read them, so
+# nothing the next conv can rebuild is kept: less than the reference chain, which keeps c, y and the
+# LayerNorm's intermediates of both norms. (Saving only x and recomputing the whole chain would keep
+# less still, but redo ~80% of the forward's FLOPs in every backward.)
+
+_INTERPRET = {"triton": False, "triton-interpret": True}
+
+
+@torch.library.custom_op(f"{LIBRARY}::compress_train", mutates_args=())
+def _compress_train_op(
+    x: torch.Tensor,
+    neck0_w: torch.Tensor,
+    neck1_w: torch.Tensor,
+    neck1_b: torch.Tensor,
+    neck2_w: torch.Tensor,
+    neck3_w: torch.Tensor,
+    neck3_b: torch.Tensor,
+    net2_w: torch.Tensor,
+    net3_w: torch.Tensor,
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, c1, stats1, c2, stats2, y3): the forward plus the tensors its backward reads."""
+    from deepencoder_kernels.kernels.compress import compress_fwd
+
+    return compress_fwd(x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w), kkio(net3_w),
+                        eps, interpret=_INTERPRET[backend], train=True)
+
+
+@_compress_train_op.register_fake
+def _(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w, eps, backend):
+    B, H, W, _ = x.shape
+    h, w = out_grid(H, W)
+    Cn = neck0_w.shape[0]
+    stats = lambda: x.new_empty(B * H * W, 2, dtype=torch.float32)  # noqa: E731
+    return (x.new_empty(B, h * w, net3_w.shape[0]), x.new_empty(B, H, W, Cn), stats(), x.new_empty(B, H, W, Cn), stats(),
+            x.new_empty(B, (H + 1) // 2, (W + 1) // 2, net2_w.shape[0]))
+
+
+@torch.library.custom_op(f"{LIBRARY}::compress_backward", mutates_args=())
+def _compress_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    neck0_w: torch.Tensor,
+    neck1_w: torch.Tensor,
+    neck1_b: torch.Tensor,
+    neck2_w: torch.Tensor,
+    neck3_w: torch.Tensor,
+    neck3_b: torch.Tensor,
+    net2_w: torch.Tensor,
+    net3_w: torch.Tensor,
+    c1: torch.Tensor,
+    stats1: torch.Tensor,
+    c2: torch.Tensor,
+    stats2: torch.Tensor,
+    y3: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Gradients of x and the eight parameters, each in its input's shape and dtype."""
+    from deepencoder_kernels.kernels.compress import compress_bwd
+
+    dx, *grads = compress_bwd(grad, x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w),
+                              kkio(net3_w), c1, stats1, c2, stats2, y3, interpret=_INTERPRET[backend])
+    # conv weight gradients come back [k, k, C_in, C_out] fp32: into the checkpoint's [C_out, C_in, k, k]
+    grads = [g.permute(3, 2, 0, 1) if g.dim() == 4 else g for g in grads]
+    return (dx, *(g.to(x.dtype).contiguous() for g in grads))
+
+
+@_compress_backward_op.register_fake
+def _(grad, x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w, c1, stats1, c2, stats2, y3, backend):
+    return (x.new_empty(x.shape), *(t.new_empty(t.shape) for t in (neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b,
+                                                                    net2_w, net3_w)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, *weights, _eps, backend = inputs
+    _, c1, stats1, c2, stats2, y3 = output
+    ctx.backend = backend
+    ctx.mark_non_differentiable(c1, stats1, c2, stats2, y3)
+    ctx.save_for_backward(x, *weights, c1, stats1, c2, stats2, y3)
+
+
+def _backward(ctx, grad, *_saved_outputs_grads):
+    grads = _compress_backward_op(grad, *ctx.saved_tensors, ctx.backend)
+    return (*grads, None, None)
+
+
+_compress_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compress_with_grad(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w, eps, backend):
+    """The op under autograd on a fused backend: the training forward, tokens only."""
+    return _compress_train_op(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w, eps, backend)[0]
+
+
+@register_flop_formula(torch.ops.deepencoder_kernels.compress_train)
+def _train_flop_formula(x_shape, neck0_shape, n1w, n1b, n2w, n3w, n3b, net2_shape, net3_shape, *args, **kwargs) -> int:
+    return flops(x_shape, neck0_shape, net2_shape, net3_shape)
+
+
+@register_flop_formula(torch.ops.deepencoder_kernels.compress_backward)
+def _backward_flop_formula(grad_shape, x_shape, neck0_shape, n1w, n1b, n2w, n3w, n3b, net2_shape, net3_shape, *args,
+                           **kwargs) -> int:
+    return 2 * flops(x_shape, neck0_shape, net2_shape, net3_shape)   # input and weight gradients: a forward each
