@@ -693,3 +693,45 @@ def test_gpu_saccade_on_the_inputs_device(path):
         got = run(scores.to("cuda:1"), features.to("cuda:1"), k.to("cuda:1"))
         assert torch.cuda.current_device() == 0 and all(t.device == torch.device("cuda:1") for t in got)
     _assert_same_on_cpu(got, _cpu_answer(scores, features, k))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+def test_compiled_fused_graph_in_an_asyncio_task_runs_that_tasks_backend():
+    """dynamo guards on the backend per thread, not per task: while task C holds `with
+    dk.backend("cpp")` open across an await, task R (inside its own `with dk.backend("reference")`)
+    calling compiled code gets the graph traced for cpp; the custom op then runs the reference,
+    which R asked for. (A graph traced for the reference is plain torch ops with no such hook: the
+    README's caveat.)"""
+    def step(scores, features):
+        return ops.saccade_gather(scores, features, 3)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    scores, features = torch.randn(2, 8), torch.randn(2, 8, 4)
+    with dk.backend("cpp"):
+        want = compiled(scores, features)
+
+    async def main():
+        r_inside, c_inside, r_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def r():
+            with dk.backend("reference"):
+                r_inside.set()
+                await c_inside.wait()
+                dk.clear_last_backends()
+                got = compiled(scores, features)
+                r_done.set()
+                return dk.last_backends()["saccade_gather"].backend, got
+
+        async def c():
+            await r_inside.wait()
+            with dk.backend("cpp"):
+                c_inside.set()
+                await r_done.wait()
+
+        return (await asyncio.wait_for(asyncio.gather(r(), c()), 60))[0]
+
+    ran, got = asyncio.run(main())
+    assert ran == "reference"
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

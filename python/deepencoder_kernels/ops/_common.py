@@ -151,12 +151,24 @@ def triton_backends(op: str, launcher: Callable, accepts: Callable | None = None
 
 def impl_of(op: str, backend_name: str) -> Callable:
     """The implementation a custom op forwards to, by backend name (noted for ``last_backends``:
-    under torch.compile this is where the choice traced into the graph is seen running)."""
+    under torch.compile this is where the choice traced into the graph is seen running).
+
+    Compiled code is guarded on the backend per thread, not per asyncio task: if this call's own
+    context asks for another kind than the one traced in (another task's ``with dk.backend`` open
+    across an ``await`` in this thread), the requested backend runs instead."""
+    wanted = dispatch.requested_kind()
+    if wanted not in ("auto", backend_name) and not torch.compiler.is_compiling():
+        return lambda *args: _run_requested(op, args)
     for b in dispatch.backends_of(op):
         if b.name == backend_name:
             dispatch.record_run(op, backend_name)
             return b.impl
     raise ValueError(f"{op} has no backend {backend_name!r}")
+
+
+def _run_requested(op: str, args: tuple):
+    chosen = dispatch.select(op, args[0].device, args[0].dtype, args)   # records it
+    return chosen.impl(*args)
 
 
 _DERIVED = WeakIdKeyDictionary()   # first source tensor -> {extra key: (other sources, versions, value)}
