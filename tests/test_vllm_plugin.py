@@ -33,10 +33,15 @@ def loaded_model(seed=0):
 # ---- accelerate() on vLLM's layout (world size 1) ----------------------------------------------
 
 
-def test_vllm_layout_single_rank_matches_and_keeps_contracts():
-    model = loaded_model()
+@pytest.mark.parametrize("device,backends,dtype", [
+    ("cpu", ("reference", "triton-interpret"), torch.float32),
+    pytest.param("cuda", ("triton",), torch.float32, marks=pytest.mark.gpu),
+    pytest.param("cuda", ("triton",), torch.bfloat16, marks=pytest.mark.gpu)])
+def test_vllm_layout_single_rank_matches_and_keeps_contracts(device, backends, dtype):
+    model = loaded_model().to(device, dtype)
+    pixels = PIXELS.to(device, dtype)
     with torch.no_grad():
-        want = model._encode_global_features(PIXELS)
+        want = model._encode_global_features(pixels)
     from deepencoder_kernels.vllm_plugin import accelerate_towers
 
     report = accelerate_towers(model)
@@ -44,14 +49,15 @@ def test_vllm_layout_single_rank_matches_and_keeps_contracts():
     assert not any(p.startswith("language_model") for p, _ in report.patched)   # the LM's look-alike stays
     assert "forward" not in model.language_model.attn.__dict__
     attn = model.vision_model.transformer.layers[0].self_attn
-    with torch.no_grad():
-        out = attn(hidden_states=torch.randn(2, 5, 64))   # vLLM calls it by keyword and unpacks two values
+    with torch.no_grad(), dk.backend(backends[0]):
+        out = attn(hidden_states=torch.randn(2, 5, 64, device=device, dtype=dtype))   # by keyword; unpacked in two
         assert isinstance(out, tuple) and len(out) == 2 and out[1] is None
-    for backend in ("reference", "triton-interpret"):
+    for backend in backends:
         with torch.no_grad(), dk.backend(backend):
-            got = model._encode_global_features(PIXELS)
+            got = model._encode_global_features(pixels)
         assert {c.backend for c in dk.last_backends().values()} == {backend}
-        assert_close(got, want, torch.float32, msg=backend)
+        assert got.dtype == dtype
+        assert_close(got, want, dtype, msg=backend)
 
 
 def test_patched_forwards_read_nothing_back_to_the_host():
