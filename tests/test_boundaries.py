@@ -7,6 +7,7 @@ C++ extension) with tiny shapes; ``scripts/sanitize.sh`` runs it again against t
 The ``gpu`` tests repeat it for the CUDA extension and the CuPy path: ``pytest -m gpu tests/test_boundaries.py``.
 """
 import asyncio
+import os
 import threading
 import time
 
@@ -304,10 +305,11 @@ def test_backend_is_per_thread():
                         assert dispatch.requested_kind() == kinds[i]
                     seen[i].add(dispatch.requested_kind())
                 assert time.monotonic() < deadline
-            assert dispatch.requested_kind() == dispatch.requested_kind.__globals__["os"].environ.get(dispatch.ENV_VAR, "auto")
+            assert dispatch.requested_kind() == os.environ.get(dispatch.ENV_VAR, "auto")
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
+    dk.clear_last_backends()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(kinds))]
     for t in threads:
         t.start()
@@ -316,7 +318,49 @@ def test_backend_is_per_thread():
     assert not errors, errors
     for i, kind in enumerate(kinds):
         assert seen[i] == {kind}, (i, kind, seen[i])
-    assert "saccade_gather" not in dk.last_backends() or True   # this thread's record is its own
+    assert "saccade_gather" not in dk.last_backends()   # the workers' records are their own
+
+
+def test_interleaved_exits_leave_each_thread_its_own_choice():
+    """A enters, B enters, A exits while B is inside, then B exits: each sees only its own blocks
+    (a shared stack popped A's entry off B's, or B's off A's)."""
+    steps = [threading.Event() for _ in range(4)]
+    seen, errors = {}, []
+
+    def a():
+        try:
+            with dk.backend("reference"):
+                steps[0].set()
+                steps[1].wait(10)                    # B is inside its block
+                seen["a inside"] = dispatch.requested_kind()
+            seen["a after"] = dispatch.requested_kind()
+            steps[2].set()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def b():
+        try:
+            steps[0].wait(10)
+            with dk.backend("cpp"):
+                with dk.backend("triton-interpret"):
+                    pass
+                steps[1].set()
+                steps[2].wait(10)                    # A has left its block
+                seen["b inside"] = dispatch.requested_kind()
+            seen["b after"] = dispatch.requested_kind()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    with dk.backend("reference"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert dispatch.requested_kind() == "reference"
+    default = os.environ.get(dispatch.ENV_VAR, "auto")
+    assert not errors, errors
+    assert seen == {"a inside": "reference", "a after": default, "b inside": "cpp", "b after": default}, seen
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
@@ -422,7 +466,7 @@ def host(tmp_path_factory):
         pytest.skip("g++ is not installed (CI has it)")
     lib = tmp_path_factory.mktemp("emu") / "saccade_host_emulated.so"
     cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'cuda_emulation'}",
-           *__import__("os").environ.get("DEEPENCODER_KERNELS_EMULATION_FLAGS", "").split(),
+           *os.environ.get("DEEPENCODER_KERNELS_EMULATION_FLAGS", "").split(),
            str(ROOT / "tests" / "cuda_emulation" / "saccade_host_emulated.cpp"), "-o", str(lib)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
