@@ -779,3 +779,29 @@ def test_compiled_fused_graph_in_an_asyncio_task_runs_that_tasks_backend():
     assert ran == "reference"
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_cupy_path_checks_what_its_docstring_promises(host):
+    """The CuPy wrapper's own argument checks (CPU tensors stand in for CUDA ones), then the shared
+    host path's offset checks: cu[0] == 0, cu[-1] == len(scores), feature rows == scores."""
+    ops_module = sg
+    check = lambda *a: cupy_saccade._checked_args(ops_module, *a)  # noqa: E731
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"features must have shape \[8, \*\]"):
+        check(torch.randn(8), torch.randn(7, 4), 2, cu)
+    with pytest.raises(ValueError, match=r"features must have shape \[2, 4, \*\]"):
+        check(torch.randn(2, 4), torch.randn(2, 5, 3), 2, None)
+    with pytest.raises(TypeError, match=r"cu_seqlens must have dtype in \['torch.int32'\]"):
+        check(torch.randn(8), torch.randn(8, 4), 2, cu.long())
+    with pytest.raises(ValueError, match=r"k must have shape \[2\]"):
+        check(torch.randn(8), torch.randn(8, 4), torch.tensor([1, 1, 1]), cu)
+    with pytest.raises(ValueError, match=r"scores must be \[B, N\] without cu_seqlens"):
+        check(torch.randn(8), torch.randn(8, 4), 2, None)
+    scores, features, k, cu_checked = check(_strided(torch.randn(8)), _transposed(torch.randn(8, 4)), 2, _strided(cu))
+    assert all(t.is_contiguous() for t in (scores, features, k, cu_checked)) and k.tolist() == [2, 2]
+    launch = lambda *call: _execute_plan(host, cupy_saccade.launch_plan(*call))  # noqa: E731
+    for bad, match in (([1, 3, 8], r"cu_seqlens\[0\] must be 0"), ([0, 3, 9], r"cu_seqlens\[-1\] must equal the packed token count 8"),
+                       ([0, 5, 3, 8], "non-decreasing")):
+        bad_cu = torch.tensor(bad, dtype=torch.int32)
+        with pytest.raises(ValueError, match=match):
+            sg.run_extension(*check(torch.randn(8), torch.randn(8, 4), 0, bad_cu), False, launch, checks_values=False)
