@@ -167,20 +167,24 @@ def test_tokens_equal_plain_encode_and_failures_are_reported(local_ray, tmp_path
     modes = make_pages(tmp_path / "pages", 4)
     (tmp_path / "pages" / "broken.png").write_text("not an image")                      # fails in preprocessing
     Image.new("RGB", (300, 300), "white").save(tmp_path / "pages" / "blank.png")      # fails in the encoder
-    modes.update({"broken.png": "tiny", "blank.png": "small"})
+    dk.render_document_page(1000, 700, seed=9).save(tmp_path / "pages" / "wide.png")      # Gundam: 2 x 1 tiles
+    modes.update({"broken.png": "tiny", "blank.png": "small", "wide.png": "gundam"})
     lines = []
     summary = dkray.encode_collection(tmp_path / "pages", tmp_path / "out", mode=lambda page_id: modes[Path(page_id).name],
                                       encoder_factory=FailsOnBlankPages, batch_size=3, concurrency=1, progress=lines.append,
                                       dtype="float32",
                                       object_store_limit=256 * 2**20)
-    assert summary.pages == 6 and summary.encoded == 4 and summary.duplicates == 0, summary
+    assert summary.pages == 7 and summary.encoded == 5 and summary.duplicates == 0, summary
     failed = {Path(page_id).name: error for page_id, error in summary.failed}
     assert set(failed) == {"broken.png", "blank.png"}
     assert "UnidentifiedImageError" in failed["broken.png"] and "ValueError: blank page" in failed["blank.png"]
     assert (tmp_path / "out" / "errors.jsonl").read_text().count("page_id") == 2
-    assert any("6/6 pages (2 failed)" in line for line in lines), lines
+    assert any("7/7 pages (2 failed)" in line for line in lines), lines
     got = dkray.read_tokens(tmp_path / "out")
-    assert sorted(got) == [str(tmp_path / "pages" / f"page{i}.png") for i in range(4)]
+    assert sorted(got) == sorted([str(tmp_path / "pages" / f"page{i}.png") for i in range(4)] + [str(tmp_path / "pages" / "wide.png")])
+    from deepencoder_kernels.preprocess import choose_tile_grid
+
+    assert got[str(tmp_path / "pages" / "wide.png")].shape[0] == dk.token_count("gundam", choose_tile_grid(1000, 700)) > 273
     enc = small_encoder()
     for page_id, tokens in got.items():
         want = enc.encode(page_id, modes[Path(page_id).name])[0]
