@@ -201,6 +201,9 @@ def test_plugin_registers_a_subclass_that_accelerates_after_load(fake_vllm, capl
     cls = ModelRegistry.resolve("DeepseekOCRForCausalLM")
     assert issubclass(cls, vs.DeepseekOCRForCausalLM) and cls is not vs.DeepseekOCRForCausalLM
     assert cls.__name__ == "DeepseekOCRForCausalLM"
+    import pickle
+
+    assert pickle.loads(pickle.dumps(cls)) is cls     # by reference, as vLLM's and Ray's pickling need
     plugin._reported = False
     reference = loaded_model()
     with caplog.at_level(logging.DEBUG, logger="vllm.deepencoder_kernels"):

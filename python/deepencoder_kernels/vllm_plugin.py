@@ -92,7 +92,8 @@ def accelerated_class():
             accelerate_towers(self)
             return loaded
 
-    DeepseekOCRForCausalLM.__module__ = __name__
+    # importable as deepencoder_kernels.vllm_plugin.DeepseekOCRForCausalLM, so it pickles by reference
+    DeepseekOCRForCausalLM.__module__, DeepseekOCRForCausalLM.__qualname__ = __name__, ARCH
     return DeepseekOCRForCausalLM
 
 
