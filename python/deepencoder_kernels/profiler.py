@@ -316,17 +316,55 @@ def _progress_printer(enabled: bool):
     return show
 
 
-def random_encoder(seed: int = 0, dtype=torch.float32, device="cpu"):
-    """Full-size DeepEncoder with seeded random weights (positions/tables too, so nothing is zero)."""
+_SMALL_INIT = ("rel_pos", "pos_embed", "class_embedding", "position_embedding", "newline", "seperator")
+
+
+def skeleton_encoder():
+    """Full-size DeepEncoder with its parameters on the meta device (no memory, no init) and its
+    buffers real (``position_ids``): the structure the counting pass runs, and what
+    :func:`random_encoder` fills."""
     from .modules import DeepEncoder
 
-    torch.manual_seed(seed)
-    enc = DeepEncoder()
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta     # init then runs on meta tensors: a no-op
+    try:
+        return DeepEncoder()
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def random_encoder(seed: int = 0, dtype=torch.float32, device="cpu", model=None):
+    """Full-size DeepEncoder with seeded random weights: Linear/conv weights uniform in
+    +-1/sqrt(fan_in) (torch's default bound), LayerNorms 1 / 0, positions, tables and other vectors
+    N(0, 0.02), so nothing is zero. Parameters are allocated once in ``dtype`` and filled in place
+    (no fp32 copy, no second init). ``model``: a :func:`skeleton_encoder` to fill instead."""
+    from .modules.sam import LayerNorm2d
+
+    enc = model if model is not None else skeleton_encoder()
+    for module in enc.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.device.type == "meta":
+                empty = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device=device)
+                module._parameters[name] = torch.nn.Parameter(empty, requires_grad=p.requires_grad)
+    enc = enc.to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    norms = {id(p) for m in enc.modules() if isinstance(m, (torch.nn.LayerNorm, LayerNorm2d)) for p in m.parameters()}
     with torch.no_grad():
         for name, p in enc.named_parameters():
-            if any(s in name for s in ("rel_pos", "pos_embed", "class_embedding", "position_embedding", "newline", "seperator")):
-                p.normal_(0.0, 0.02)
-    return enc.to(device=device, dtype=dtype).eval()
+            if id(p) in norms:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif p.dim() >= 2 and not any(s in name for s in _SMALL_INIT):
+                bound = 1 / math.sqrt(p[0].numel())
+                p.uniform_(-bound, bound, generator=g)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return enc.eval()
 
 
 def fake_copy(model: torch.nn.Module, fake_mode: FakeTensorMode, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -489,12 +527,7 @@ def profile(mode: str = "base", image=None, weights: str | None = None, dtype: t
 
     show("counting FLOPs and bytes (fake tensors)")
     t0 = time.perf_counter()
-    structure = encoder
-    if structure is None:
-        from .modules import DeepEncoder
-
-        with torch.device("meta"):
-            structure = DeepEncoder()
+    structure = encoder if encoder is not None else skeleton_encoder()
     dispatch.clear_last_backends()
     stages, tokens = count(views, structure, dtype, dev, batch)
     count_seconds = time.perf_counter() - t0
@@ -517,7 +550,7 @@ def profile(mode: str = "base", image=None, weights: str | None = None, dtype: t
     tdtype, p.timing_note, p.matmul_gflops = (timing_dtype, "", {}) if timing_dtype else choose_timing_dtype(own_dtype, dev)
     if not given:
         show(f"building the encoder ({str(tdtype).replace('torch.', '')})")
-        encoder = random_encoder(dtype=tdtype, device=dev)
+        encoder = random_encoder(dtype=tdtype, device=dev, model=structure)
         if weights:
             encoder.load_checkpoint(weights)
     elif tdtype != own_dtype:
