@@ -26,16 +26,32 @@ def profile_section(path: Path) -> list[str]:
     out = [f"**Profile, mode `{p['mode']}`** ({p['dtype']}, {p['device_name']}, backend `{p['backend']}`, "
            f"weights: {p['weights']}, {p['date']}, torch {p['versions']['torch']}): "
            f"`deepencoder-kernels profile --mode {p['mode']} --json {path.relative_to(ROOT)}`", ""]
+    out += timing_note(p)
+    span = lambda lo, hi: f"{lo:.2f}..{hi:.2f}"  # noqa: E731
     rows = [[s["name"], s["calls"], s["tokens_in"], s["tokens_out"], f"{s['flops'] / 1e9:.1f}", f"{s['peak_bytes'] / MiB:.1f}",
-             f"{s['allocated_bytes'] / MiB:.1f}", f"{s['largest_tensor_bytes'] / MiB:.1f}", f"{s['seconds']:.2f}"] for s in p["stages"]]
-    rows.append(["**SAM trunk**", "", "", "", f"**{p['sam_trunk_flops'] / 1e9:.1f}**", "", "", "", ""])
+             f"{s['allocated_bytes'] / MiB:.1f}", f"{s['largest_tensor_bytes'] / MiB:.1f}", f"{s['seconds']:.2f}",
+             span(s.get("seconds_min", s["seconds"]), s.get("seconds_max", s["seconds"]))] for s in p["stages"]]
+    rows.append(["**SAM trunk**", "", "", "", f"**{p['sam_trunk_flops'] / 1e9:.1f}**", "", "", "", "", ""])
+    passes = p.get("pass_seconds") or [sum(s["seconds"] for s in p["stages"])]
     rows.append(["**total**", "", "", "", f"**{p['total_flops'] / 1e9:.1f}**", f"**{p['peak_bytes'] / MiB:.1f}**", "", "",
-                 f"{sum(s['seconds'] for s in p['stages']):.2f}"])
-    out += table("stage|calls>|tokens in>|tokens out>|GFLOPs>|peak MiB>|allocated MiB>|largest tensor MiB>|time s>", rows)
+                 f"{p.get('seconds', passes[0]):.2f}", span(min(passes), max(passes))])
+    out += table("stage|calls>|tokens in>|tokens out>|GFLOPs>|peak MiB>|allocated MiB>|largest tensor MiB>|time s>|min..max s>", rows)
     out += ["", "**Claims in circulation vs this measurement:**", ""]
     out += table("claim|claimed>|measured>|verdict",
                  [[c["claim"], f"{c['claimed']:g}", f"{c['measured']:.4g}", c["verdict"]] for c in p["claims"]])
     return out
+
+
+def timing_note(p: dict) -> list[str]:
+    """What the profile's numbers are: counted FLOPs/bytes vs warm times (and their dtype)."""
+    if "pass_seconds" not in p:
+        return []
+    text = (f"FLOPs and bytes: counted in {p['dtype']} on fake tensors (exact, no compute). Times: "
+            f"{p['timing_dtype']}, median (min..max) of {p['repeat']} warm pass(es) after {p['warmup']} warm-up "
+            f"pass(es) ({p['first_pass_seconds']:.1f} s, not included); {p['views_per_second']:.2f} views/s.")
+    if p.get("timing_note"):
+        text += f" Note: {p['timing_note']}."
+    return [text, ""]
 
 
 def modes_section(paths: list[Path]) -> list[str]:
@@ -45,8 +61,9 @@ def modes_section(paths: list[Path]) -> list[str]:
     out = [f"**Every mode** ({profiles[0]['dtype']}, {profiles[0]['device_name']}, backend `{profiles[0]['backend']}`, "
            f"{profiles[0]['date']}): `deepencoder-kernels profile --mode <mode>` (all of them: `python benchmarks/run_all.py`)", ""]
     rows = [[p["mode"], p["views"], p["output_tokens"], f"{p['sam_trunk_flops'] / 1e9:.1f}", f"{p['total_flops'] / 1e9:.1f}",
-             f"{p['peak_bytes'] / MiB:.0f}", f"{sum(s['seconds'] for s in p['stages']):.1f}"] for p in profiles]
-    return out + table("mode|views>|tokens>|SAM trunk GFLOPs>|total GFLOPs>|peak activation MiB>|time s>", rows)
+             f"{p['peak_bytes'] / MiB:.0f}", f"{p.get('seconds', sum(s['seconds'] for s in p['stages'])):.1f}",
+             p.get("timing_dtype", p["dtype"]), f"{p.get('views_per_second', 0):.2f}"] for p in profiles]
+    return out + table("mode|views>|tokens>|SAM trunk GFLOPs>|total GFLOPs>|peak activation MiB>|warm pass s>|timed in|views/s>", rows)
 
 
 def memory_section(path: Path) -> list[str]:
