@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import launch_grid
-from .configs import compress_bwd_config, compress_config
+from .configs import COMPRESS_BWD, compress_bwd_config, compress_config
 
 
 @triton.jit
@@ -274,7 +274,8 @@ def conv_nhwc(x, weight_kkio, stride: int, pad: int, config: str, ln=None, eps: 
     ksize, C_out = weight_kkio.shape[0], weight_kkio.shape[-1]
     Ho, Wo = (H + 2 * pad - ksize) // stride + 1, (W + 2 * pad - ksize) // stride + 1
     out = torch.empty(B, Ho, Wo, C_out, device=x.device, dtype=x.dtype)
-    cfg = compress_config(config, C_out, x.device)   # the device's tuned config, if any
+    cfg = (compress_bwd_config(config, C_out) if config in COMPRESS_BWD
+           else compress_config(config, C_out, x.device))   # the device's tuned config, if any
     if ln is not None and cfg["BLOCK_N"] < C_out:
         raise ValueError(f"config {config!r} tiles {cfg['BLOCK_N']} < {C_out} output channels: cannot fuse the LayerNorm")
     num_pixels = B * Ho * Wo
@@ -381,8 +382,9 @@ def compress_fwd(x, neck0, ln1_w, ln1_b, neck2, ln3_w, ln3_b, net2, net3, eps: f
         for w in (neck0, neck2):
             saved.append((torch.empty(B, H, W, w.shape[-1], device=x.device, dtype=x.dtype),
                           torch.empty(B * H * W, 2, device=x.device, dtype=torch.float32)))
-    y = conv_nhwc(x, neck0, 1, 0, "neck_1x1_ln", (ln1_w, ln1_b), eps, interpret, saved[0] if train else None)
-    y = conv_nhwc(y, neck2, 1, 1, "neck_3x3_ln", (ln3_w, ln3_b), eps, interpret, saved[1] if train else None)
+    save = "_save" if train else ""
+    y = conv_nhwc(x, neck0, 1, 0, "neck_1x1_ln" + save, (ln1_w, ln1_b), eps, interpret, saved[0] if train else None)
+    y = conv_nhwc(y, neck2, 1, 1, "neck_3x3_ln" + save, (ln3_w, ln3_b), eps, interpret, saved[1] if train else None)
     y3 = conv_nhwc(y, net2, 2, 1, "net2_3x3_s2", interpret=interpret)
     y = conv_nhwc(y3, net3, 2, 1, "net3_3x3_s2", interpret=interpret)
     tokens = y.view(y.shape[0], y.shape[1] * y.shape[2], y.shape[3])

@@ -75,7 +75,7 @@ COMPRESS = {
 }
 
 
-def compress_config(name: str, c_out: int) -> dict:
+def compress_config(name: str, c_out: int, device=None) -> dict:
     cfg = dict(COMPRESS[name])
     if "BLOCK_N" not in cfg:  # LayerNorm step: every output channel in the tile
         cfg["BLOCK_N"] = max(16, next_pow2(c_out))
@@ -89,6 +89,10 @@ def compress_config(name: str, c_out: int) -> dict:
 # PROGRAMS programs run (each split >= MIN_PIXELS pixels). The largest tiles found to compile with 0
 # spill bytes on sm_80 and sm_90a (static report).
 COMPRESS_BWD = {
+    # the training forward's LayerNorm steps, which also store the pre-norm output and statistics:
+    # 64-pixel tiles spill there
+    "neck_1x1_ln_save": dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    "neck_3x3_ln_save": dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=3),
     "neck_1x1_dgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
     "neck_3x3_dgrad_ln": dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=3),   # 32 pixels spill on sm_90a
     "net2_dgrad_ln": dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=3),

@@ -170,17 +170,17 @@ def varlen_attention_signature(dtype: str) -> dict:
 def compress_cases():
     """The four convs of the neck + compressor at DeepEncoder's channel counts. Grid sizes are
     run-time arguments, so one compile per step serves every mode."""
-    from deepencoder_kernels.kernels.configs import compress_config
+    from deepencoder_kernels.kernels.configs import compress_bwd_config, compress_config
 
     steps = (("neck_1x1_ln", 1, 1, 0, True, cfg.SAM_NECK_DIM), ("neck_3x3_ln", 3, 1, 1, True, cfg.SAM_NECK_DIM),
              ("net2_3x3_s2", 3, 2, 1, False, cfg.SAM_OUT_DIM // 2), ("net3_3x3_s2", 3, 2, 1, False, cfg.SAM_OUT_DIM))
     for name, ksize, stride, pad, has_ln, c_out in steps:
         for save in (False, True) if has_ln else (False,):   # training also stores the pre-norm output + stats
-            conf = compress_config(name, c_out)
+            entry = name + ("_save" if save else "")
+            conf = compress_bwd_config(entry, c_out) if save else compress_config(name, c_out)
             launch = conf.pop("num_warps"), conf.pop("num_stages")
-            yield f"all-modes/{name}{'+save' if save else ''}", name, dict(
-                KSIZE=ksize, STRIDE=stride, PAD=pad, HAS_LN=has_ln, SAVE_STATS=save, IEEE_DOT=False, UPCAST_DOT=False,
-                **conf), *launch
+            yield f"all-modes/{entry}", entry, dict(KSIZE=ksize, STRIDE=stride, PAD=pad, HAS_LN=has_ln, SAVE_STATS=save,
+                                                     IEEE_DOT=False, UPCAST_DOT=False, **conf), *launch
 
 
 def compress_signature(dtype: str) -> dict:
