@@ -119,6 +119,25 @@ def test_pdf_pages_are_listed_read_and_preprocessed(tmp_path):
     assert torch.equal(dkray._from_u8(out["global_view"][1]), preprocess(rendered, "tiny").global_view)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "parquet"])
+def test_shards_hold_shard_pages_each_and_read_back(tmp_path, fmt):
+    pages = {f"p{i}.png": torch.randn(3 + i, 8).to(torch.bfloat16) for i in range(5)}
+    writer = dkray._ShardWriter(tmp_path, fmt, shard_pages=2)
+    for page_id, tokens in pages.items():
+        writer.add(page_id, "tiny", tokens)
+    writer.flush()
+    assert [Path(f).name for f in writer.files] == [f"tokens-0000{i}.{fmt}" for i in range(3)]
+    got = dkray.read_tokens(tmp_path)
+    assert list(got) == list(pages) and all(torch.equal(got[k], v) for k, v in pages.items())
+    if fmt == "safetensors":
+        from deepencoder_kernels.encode import load_tokens
+
+        assert load_tokens(writer.files[0])[1]["modes"] == '{"p0.png": "tiny", "p1.png": "tiny"}'
+        writer.add("p9.png", "tiny", pages["p0.png"])
+        writer.abort()                                   # a half-written shard leaves nothing behind
+        assert sorted(p.name for p in tmp_path.iterdir()) == [Path(f).name for f in writer.files]
+
+
 def test_command_line_passes_the_options_through(monkeypatch, tmp_path, capsys):
     seen = {}
 

@@ -26,7 +26,8 @@ through it, the collection is never held at once):
    bytes), plus ``errors.jsonl`` (page id and error of every failed page) and ``summary.json``.
 
 Memory stays bounded: Ray Data's streaming executor back-pressures the stages (object store
-budget: ``object_store_limit``), the driver holds one shard. A page that fails (unreadable file,
+budget: ``object_store_limit``); the driver writes safetensors bytes as they arrive (it keeps the
+shard's header) and holds at most one parquet shard. A page that fails (unreadable file,
 bad mode, an error in the encoder) is reported with its id; the rest go on. Encoder actors are
 restarted and their in-flight batch retried when a worker dies (Ray Data's actor-pool defaults,
 ``max_restarts=-1``, ``max_task_retries=-1``); the driver counts any page id that would arrive
@@ -238,26 +239,42 @@ class Summary:
 
 
 class _ShardWriter:
+    """Shards of ``shard_pages`` pages. safetensors: each page's bytes go to disk as it arrives
+    (``encode``'s TokenWriter; the header is written when the shard closes); parquet: one shard's
+    rows are held, then written as one file."""
+
     def __init__(self, out: Path, fmt: str, shard_pages: int):
         self.out, self.fmt, self.shard_pages = out, fmt, shard_pages
-        self.rows: list[tuple[str, str, torch.Tensor]] = []
         self.files: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.modes: dict[str, str] = {}
+        self.rows: list[tuple[str, str, torch.Tensor]] = []   # parquet only
+        self.tokens_writer = None                               # safetensors only
+
+    def _path(self) -> Path:
+        return self.out / f"tokens-{len(self.files):05d}.{self.fmt}"
 
     def add(self, page_id: str, mode: str, tokens: torch.Tensor) -> None:
-        self.rows.append((page_id, mode, tokens))
-        if len(self.rows) >= self.shard_pages:
+        if self.fmt == "safetensors":
+            if self.tokens_writer is None:
+                self.tokens_writer = pages_io.TokenWriter(self._path())
+            self.tokens_writer.add(page_id, tokens)
+            self.dim = tokens.shape[1]
+        else:
+            self.rows.append((page_id, mode, tokens))
+        self.modes[page_id] = mode
+        if len(self.modes) >= self.shard_pages:
             self.flush()
 
     def flush(self) -> None:
-        if not self.rows:
+        if not self.modes:
             return
-        path = self.out / f"tokens-{len(self.files):05d}.{self.fmt}"
-        if self.fmt == "safetensors":   # encode's writer and metadata, plus each page's mode
-            writer = pages_io.TokenWriter(path)
-            for page_id, _, tokens in self.rows:
-                writer.add(page_id, tokens)
-            writer.close({"page_ids": json.dumps([p for p, _, _ in self.rows]), "modes": json.dumps({p: m for p, m, _ in self.rows}),
-                          "dim": str(self.rows[0][2].shape[1])})
+        path = self._path()
+        if self.fmt == "safetensors":   # encode's metadata, plus each page's mode
+            self.tokens_writer.close({"page_ids": json.dumps(list(self.modes)), "modes": json.dumps(self.modes),
+                                      "dim": str(self.dim)})
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -270,7 +287,12 @@ class _ShardWriter:
             })
             pq.write_table(table, str(path))
         self.files.append(str(path))
-        self.rows = []
+        self._reset()
+
+    def abort(self) -> None:
+        if self.tokens_writer is not None:
+            self.tokens_writer.abort()
+        self._reset()
 
 
 def encode_collection(source, output, mode="base", weights: str | None = None, *, encoder_factory: Callable | None = None,
@@ -316,25 +338,30 @@ def _run(pages, out: Path, spec: EncoderSpec, say, fmt: str, shard_pages: int, o
     summary, writer, seen = Summary(pages=len(pages)), _ShardWriter(out, fmt, shard_pages), set()
     start, last = time.perf_counter(), 0.0
     with open(out / "errors.jsonl", "w") as errors:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for i in range(len(batch["page_id"])):
-                row = {k: batch[k][i] for k in batch}
-                page_id = str(row["page_id"])
-                if page_id in seen:
-                    summary.duplicates += 1
-                    continue
-                seen.add(page_id)
-                if row["error"]:
-                    summary.failed.append((page_id, str(row["error"])))
-                    errors.write(json.dumps({"page_id": page_id, "error": str(row["error"])}) + "\n")
-                    say(f"page {page_id} failed: {row['error']}")
-                else:
-                    writer.add(page_id, str(row["mode"]), tokens_of(row))
-                    summary.encoded += 1
-            now = time.perf_counter() - start
-            if now - last >= 5 or len(seen) == len(pages):
-                last = now
-                say(f"[encode] {len(seen)}/{len(pages)} pages ({len(summary.failed)} failed), {len(seen) / max(now, 1e-9):.2f} pages/s")
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for i in range(len(batch["page_id"])):
+                    row = {k: batch[k][i] for k in batch}
+                    page_id = str(row["page_id"])
+                    if page_id in seen:
+                        summary.duplicates += 1
+                        continue
+                    seen.add(page_id)
+                    if row["error"]:
+                        summary.failed.append((page_id, str(row["error"])))
+                        errors.write(json.dumps({"page_id": page_id, "error": str(row["error"])}) + "\n")
+                        say(f"page {page_id} failed: {row['error']}")
+                    else:
+                        writer.add(page_id, str(row["mode"]), tokens_of(row))
+                        summary.encoded += 1
+                now = time.perf_counter() - start
+                if now - last >= 5 or len(seen) == len(pages):
+                    last = now
+                    say(f"[encode] {len(seen)}/{len(pages)} pages ({len(summary.failed)} failed), "
+                        f"{len(seen) / max(now, 1e-9):.2f} pages/s")
+        except BaseException:
+            writer.abort()   # no half-written shard left behind; the closed ones stay
+            raise
     writer.flush()
     summary.files, summary.seconds = writer.files, time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps({**summary.__dict__, "failed": [list(f) for f in summary.failed]}, indent=1))
