@@ -6,7 +6,6 @@ tree, parameter names and call contracts of vLLM's ``deepseek_ocr.py`` / ``deepe
 per test exercises the plugin's registration path (current, absent, changed, opted out).
 """
 import logging
-import os
 import sys
 import textwrap
 from pathlib import Path
