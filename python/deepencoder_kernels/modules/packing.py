@@ -60,6 +60,6 @@ class Packing:
         def make():
             lengths = cls._of_lengths([h * w for h, w in grids], device)
             grid_hw = torch.tensor(grids, dtype=torch.int32, device=device).view(-1, 2)
-            return cls(lengths.cu_seqlens, lengths.max_seqlen, grid_hw, max((max(g) for g in grids), default=0))
+            return cls(lengths.cu_seqlens, lengths.max_seqlen, grid_hw, max([0] + [max(h, w) for h, w in grids]))
 
         return _cached(("grids", grids, str(torch.device(device))), make)
