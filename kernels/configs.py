@@ -64,6 +64,24 @@ def varlen_attention_config(has_bias: bool, max_side_h: int, max_side_w: int) ->
     return cfg
 
 
+# Backward of the varlen attention: "dq" and "dkv" kernels as in the SAM backward; with the rel-pos
+# bias the sizes of the SAM global backward (same on-chip q.R tables).
+VARLEN_ATTENTION_BWD = {
+    "plain": (dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+              dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)),
+    "rel_pos": (dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
+                dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
+}
+
+
+def varlen_attention_bwd_config(has_bias: bool, max_side_h: int, max_side_w: int) -> tuple[dict, dict]:
+    """(dq kernel config, dkv kernel config)."""
+    dq, dkv = VARLEN_ATTENTION_BWD["rel_pos" if has_bias else "plain"]
+    lp = dict(LP_H=max(16, next_pow2(2 * max_side_h - 1)), LP_W=max(16, next_pow2(2 * max_side_w - 1)))
+    lk = dict(LK_H=max(16, next_pow2(max_side_h)), LK_W=max(16, next_pow2(max_side_w)))
+    return {**dq, **lp, **lk}, {**dkv, **lp}
+
+
 # Neck + compressor convolutions (implicit GEMM over channels-last pixels). The LayerNorm steps
 # hold all output channels in one tile (BLOCK_N = C_out rounded up to a power of two: 256 in
 # DeepEncoder), so their pixel tiles are smaller.

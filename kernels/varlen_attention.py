@@ -25,6 +25,7 @@ from .configs import varlen_attention_config
 @triton.jit
 def _varlen_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr,
+    lse_ptr,                    # fp32 [total, heads] (natural log), written only when STORE_LSE
     grid_hw_ptr, tables_h_ptr, tables_w_ptr, table_rows_ptr,   # used only when HAS_BIAS
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     num_heads, num_m_tiles, sm_scale,
@@ -33,6 +34,7 @@ def _varlen_attention_fwd_kernel(
     IEEE_DOT: tl.constexpr,     # fp32 dot operands: full precision instead of tf32
     UPCAST_DOT: tl.constexpr,   # dot in fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
+    STORE_LSE: tl.constexpr = False,   # training: keep each row's logsumexp for the backward
 ):
     pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
     start = tl.load(cu_seqlens_ptr + seq)
@@ -78,6 +80,8 @@ def _varlen_attention_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows_m[:, None] * stride_ot + head * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=valid_m[:, None])
+    if STORE_LSE:
+        tl.store(lse_ptr + rows_m * num_heads + head, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=valid_m)
 
 
 def kernel_for(interpret: bool):
@@ -92,17 +96,20 @@ def varlen_grid(num_seqs: int, heads: int, max_seqlen: int, cfg: dict):
     return num_m_tiles, launch_grid(num_m_tiles * num_seqs * heads)
 
 
-def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, bias_tables=None, interpret: bool = False):
+def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, bias_tables=None, interpret: bool = False,
+                         with_lse: bool = False):
     """Launch on validated inputs. ``bias_tables``: None, or ``(grid_hw int32 [S, 2], tables_h,
-    tables_w, table_rows int32 [S, 2], max_side_h, max_side_w)`` from the ops layer."""
+    tables_w, table_rows int32 [S, 2], max_side_h, max_side_w)`` from the ops layer. ``with_lse``:
+    return ``(out, lse)``, the fp32 ``[total, heads]`` row logsumexp the backward needs."""
     total, heads, head_dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(total, heads, device=q.device, dtype=torch.float32) if with_lse else out
     num_seqs = cu_seqlens.shape[0] - 1
     has_bias = bias_tables is not None
     max_h, max_w = (bias_tables[4], bias_tables[5]) if has_bias else (1, 1)
     cfg = varlen_attention_config(has_bias, max_h, max_w)
     if total == 0 or max_seqlen == 0 or num_seqs == 0:
-        return out
+        return (out, lse) if with_lse else out
     if has_bias:
         grid_hw, tables_h, tables_w, table_rows = (t.contiguous() for t in bias_tables[:4])
         tables_h, tables_w = tables_h.to(q.dtype), tables_w.to(q.dtype)
@@ -111,10 +118,10 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, bia
     upcast = interpret and q.dtype == torch.bfloat16  # exact: bf16 products fit fp32
     num_m_tiles, grid = varlen_grid(num_seqs, heads, max_seqlen, cfg)
     kernel_for(interpret)[grid](
-        q, k, v, out, cu_seqlens, grid_hw, tables_h, tables_w, table_rows,
+        q, k, v, out, cu_seqlens, lse, grid_hw, tables_h, tables_w, table_rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         heads, num_m_tiles, scale,
         HEAD_DIM=head_dim, HAS_BIAS=has_bias, IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST_DOT=upcast,
-        **cfg,
+        STORE_LSE=with_lse, **cfg,
     )
-    return out
+    return (out, lse) if with_lse else out

@@ -74,3 +74,28 @@ def test_compress_backward_grids_at_serving_scale(step, ksize, stride, c_in, c_o
     assert within_limits(grid) and grid[0] * compress_bwd_config(dgrad, c_in)["BLOCK_M"] >= pixels_in
     grid, splits, _ = wgrad_grid(pixels_out, ksize, c_in, c_out, compress_bwd_config(f"{step}_wgrad", c_out))
     assert within_limits(grid) and splits >= 1
+
+
+@pytest.mark.parametrize("size", sorted(VIEWS))
+@pytest.mark.parametrize("window", [cfg.SAM_WINDOW, 0], ids=["windowed", "global"])
+def test_rel_pos_attention_backward_grids_at_serving_scale(size, window):
+    from deepencoder_kernels.kernels.rel_pos_attention_backward import launch_args as bwd_launch_args
+
+    g = cfg.sam_grid(size)
+    geo = bwd_launch_args((VIEWS[size], g, g, 3 * cfg.SAM_DIM), cfg.SAM_HEADS, window)
+    assert within_limits(geo["dq_grid"]) and within_limits(geo["dkv_grid"])
+
+
+@pytest.mark.parametrize("case", ["clip", "sam-global"])
+def test_varlen_attention_backward_grids_at_serving_scale(case):
+    from deepencoder_kernels.kernels.configs import varlen_attention_bwd_config
+    from deepencoder_kernels.kernels.varlen_attention_backward import varlen_bwd_grids
+
+    seqs = sum(VIEWS.values())
+    if case == "clip":
+        heads, longest, confs = cfg.CLIP_HEADS, cfg.compressed_grid(1024) ** 2 + 1, varlen_attention_bwd_config(False, 1, 1)
+    else:
+        g = cfg.sam_grid(1024)
+        heads, longest, confs = cfg.SAM_HEADS, g * g, varlen_attention_bwd_config(True, g, g)
+    _, _, dq_grid, dkv_grid = varlen_bwd_grids(seqs, heads, longest, *confs)
+    assert within_limits(dq_grid) and within_limits(dkv_grid)

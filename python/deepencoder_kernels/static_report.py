@@ -154,12 +154,42 @@ def varlen_attention_cases():
     for case, name, has_bias, side in cases:
         conf = varlen_attention_config(has_bias, side, side)
         launch = conf.pop("num_warps"), conf.pop("num_stages")
-        yield case, name, dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False, **conf), *launch
+        yield case, name, dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False, **conf,
+                               STORE_LSE=False), *launch
+
+
+def varlen_attention_bwd_cases(kernel: str):
+    """The backward's ``dq`` or ``dkv`` kernel for the forward's cases (CLIP; SAM global with rel-pos)."""
+    from deepencoder_kernels.kernels.configs import varlen_attention_bwd_config
+
+    cases = [("clip/packed", "plain", False, 1), ("sam-global/packed<=base", "rel_pos", True, cfg.sam_grid(1024)),
+             ("sam-global/packed<=large", "rel_pos", True, cfg.sam_grid(1280))]
+    for case, name, has_bias, side in cases:
+        dq, dkv = varlen_attention_bwd_config(has_bias, side, side)
+        conf = dict(dq if kernel == "dq" else dkv)
+        launch = conf.pop("num_warps"), conf.pop("num_stages")
+        yield case, f"{name}/{kernel}", dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False,
+                                             **conf), *launch
+
+
+def varlen_attention_bwd_signature(kernel: str, dtype: str) -> dict:
+    p, f, i = "*" + dtype, "*fp32", "*i32"
+    if kernel == "dq":
+        sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "dout_ptr": p, "lse_ptr": f, "delta_ptr": f, "dq_ptr": p,
+               "cu_seqlens_ptr": i, "grid_hw_ptr": i, "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": i,
+               "dtable_h_ptr": f, "dtable_w_ptr": f}
+    else:
+        sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "dout_ptr": p, "lse_ptr": f, "delta_ptr": f, "dk_ptr": p, "dv_ptr": p,
+               "cu_seqlens_ptr": i, "grid_hw_ptr": i, "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": i}
+    sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                                         "num_heads", "num_m_tiles" if kernel == "dq" else "num_n_tiles")})
+    sig["sm_scale"] = "fp32"
+    return sig
 
 
 def varlen_attention_signature(dtype: str) -> dict:
     p = "*" + dtype
-    sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "cu_seqlens_ptr": "*i32", "grid_hw_ptr": "*i32",
+    sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "cu_seqlens_ptr": "*i32", "lse_ptr": "*fp32", "grid_hw_ptr": "*i32",
            "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": "*i32"}
     sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                                          "stride_ot", "stride_oh", "num_heads", "num_m_tiles")})
@@ -230,6 +260,7 @@ def kernel_specs():
     from deepencoder_kernels.kernels.rel_pos_attention import _rel_pos_attention_fwd_kernel
     from deepencoder_kernels.kernels.rel_pos_attention_backward import _rel_pos_attention_bwd_dkv_kernel, _rel_pos_attention_bwd_dq_kernel
     from deepencoder_kernels.kernels.varlen_attention import _varlen_attention_fwd_kernel
+    from deepencoder_kernels.kernels.varlen_attention_backward import _varlen_attention_bwd_dkv_kernel, _varlen_attention_bwd_dq_kernel
 
     return [
         ("rel_pos_attention", _rel_pos_attention_fwd_kernel, rel_pos_attention_cases, rel_pos_attention_signature),
@@ -238,6 +269,10 @@ def kernel_specs():
         ("rel_pos_attention_bwd_dkv", _rel_pos_attention_bwd_dkv_kernel, functools.partial(rel_pos_attention_bwd_cases, "dkv"),
          functools.partial(rel_pos_attention_bwd_signature, "dkv")),
         ("varlen_attention", _varlen_attention_fwd_kernel, varlen_attention_cases, varlen_attention_signature),
+        ("varlen_attention_bwd_dq", _varlen_attention_bwd_dq_kernel, functools.partial(varlen_attention_bwd_cases, "dq"),
+         functools.partial(varlen_attention_bwd_signature, "dq")),
+        ("varlen_attention_bwd_dkv", _varlen_attention_bwd_dkv_kernel, functools.partial(varlen_attention_bwd_cases, "dkv"),
+         functools.partial(varlen_attention_bwd_signature, "dkv")),
         ("compress", _conv_nhwc_kernel, compress_cases, compress_signature),
         ("compress_bwd_dgrad", _conv_nhwc_dgrad_kernel, functools.partial(compress_bwd_cases, "dgrad"),
          functools.partial(compress_bwd_signature, "dgrad")),

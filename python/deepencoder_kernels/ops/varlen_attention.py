@@ -1,6 +1,7 @@
 """Attention over packed variable-length sequences, with an optional per-sequence SAM rel-pos bias."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -9,7 +10,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
 from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, capturing, check_cu_seqlens, check_int, check_shape, check_tensor,
-                      derived, impl_of, kernel_layout, run, triton_backends)
+                      derived, impl_of, kernel_layout, needs_grad, run, triton_backends)
 
 OP = "varlen_attention"
 
@@ -95,7 +96,20 @@ def varlen_attention(
                 if max(h, w) > max_side:
                     raise ValueError(f"grid_hw[{i}] = ({h}, {w}) exceeds max_side={max_side}")
     args = (q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side)
-    return run(OP, _varlen_attention_op, args, q.device, q.dtype)
+    return run(OP, _call_op, args, q.device, q.dtype)
+
+
+def _call_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, backend):
+    """The custom op; under autograd its training variant, which also keeps the row logsumexp and
+    takes the packed tables (every side up to ``max_side``) resized differentiably here, so autograd
+    differentiates the interpolation as upstream's does."""
+    if not needs_grad(q, k, v, rel_pos_h, rel_pos_w):
+        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, backend)
+    tables_h = tables_w = None
+    if rel_pos_h is not None:
+        tables_h, tables_w = (torch.cat([reference.resize_rel_pos(t, 2 * s - 1) for s in range(1, max_side + 1)])
+                              for t in (rel_pos_h, rel_pos_w))
+    return _varlen_attention_train_op(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend)[0]
 
 
 def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side):
@@ -168,4 +182,143 @@ def _fused_accepts(q, *rest):
     return None if d in FUSED_HEAD_DIMS else f"head_dim {d} not in {FUSED_HEAD_DIMS}"
 
 
-triton_backends(OP, _fused, _fused_accepts)
+triton_backends(OP, _fused, _fused_accepts, differentiable=True)
+
+
+# ---- training: forward keeping the row logsumexp, fused backward ---------------------------------
+
+def _train_bias(tables_h, tables_w, grid_hw, max_side):
+    """The forward's bias tables from the packed ones (the layout of :func:`packed_bias_tables`)."""
+    if tables_h is None or not grid_hw.shape[0]:
+        return None
+    grid = grid_hw.clamp(1, max_side)
+    return grid, tables_h.detach(), tables_w.detach(), (grid - 1).square(), max_side, max_side
+
+
+def _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, interpret: bool):
+    from deepencoder_kernels.kernels.varlen_attention import varlen_attention_fwd
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, _train_bias(tables_h, tables_w, grid_hw, max_side),
+                                interpret=interpret, with_lse=True)
+
+
+def _packed_table_grad(parts, grid, axis: int, num_seqs: int, max_side: int):
+    """Per-program partial table gradients -> the packed table's gradient (side ``s`` at row
+    ``(s - 1)^2``), summed in a fixed order: programs per sequence, then sequences per side as one
+    matmul with a 0/1 membership matrix (no atomics, shapes alone size everything)."""
+    programs, lp, d = parts.shape
+    per_seq = parts.view(num_seqs, programs // max(num_seqs, 1), lp * d).sum(1)
+    sides = torch.arange(1, max_side + 1, device=parts.device, dtype=grid.dtype)
+    member = (grid[:, axis][None, :] == sides[:, None]).to(parts.dtype)          # [max_side, num_seqs]
+    per_side = (member @ per_seq).view(max_side * lp, d)
+    packed_row = torch.arange(max_side * max_side, device=parts.device)   # side s + 1 starts at row s^2
+    s = packed_row.double().sqrt().floor().long()
+    return per_side[s * lp + packed_row - s * s]
+
+
+def _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
+                    interpret: bool):
+    from deepencoder_kernels.kernels.varlen_attention_backward import varlen_attention_bwd
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bias = _train_bias(tables_h, tables_w, grid_hw, max_side)
+    dq, dk, dv, parts = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias, interpret=interpret)
+    if tables_h is None:
+        return dq, dk, dv, *(q.new_zeros(0, q.shape[-1], dtype=torch.float32) for _ in range(2))
+    if bias is None:   # no sequences
+        return dq, dk, dv, torch.zeros_like(tables_h, dtype=torch.float32), torch.zeros_like(tables_w, dtype=torch.float32)
+    num_seqs = cu_seqlens.shape[0] - 1
+    return (dq, dk, dv, _packed_table_grad(parts[0], bias[0], 0, num_seqs, max_side),
+            _packed_table_grad(parts[1], bias[0], 1, num_seqs, max_side))
+
+
+_TRAIN = {"triton": (functools.partial(_fused_train, interpret=False), functools.partial(_fused_backward, interpret=False)),
+          "triton-interpret": (functools.partial(_fused_train, interpret=True), functools.partial(_fused_backward, interpret=True))}
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP}_train", mutates_args=())
+def _varlen_attention_train_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: Optional[float],
+    tables_h: Optional[torch.Tensor],
+    tables_w: Optional[torch.Tensor],
+    grid_hw: Optional[torch.Tensor],
+    max_side: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward for training: ``(out, lse fp32 [total, heads])``; with the bias, ``tables_*``
+    are the packed tables (every side 1..max_side, side ``s`` at row ``(s - 1)^2``)."""
+    return _TRAIN[backend][0](q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side)
+
+
+@_varlen_attention_train_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP}_backward", mutates_args=())
+def _varlen_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: Optional[float],
+    tables_h: Optional[torch.Tensor],
+    tables_w: Optional[torch.Tensor],
+    grid_hw: Optional[torch.Tensor],
+    max_side: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, d tables_h fp32, d tables_w fp32)``; the table gradients are ``[0, d]`` without the bias."""
+    return _TRAIN[backend][1](dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend):
+    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    if tables_h is None:
+        return (*grads, q.new_empty(0, q.shape[-1], dtype=torch.float32), q.new_empty(0, q.shape[-1], dtype=torch.float32))
+    return (*grads, tables_h.new_empty(tables_h.shape, dtype=torch.float32), tables_w.new_empty(tables_w.shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw)
+    ctx.max_seqlen, ctx.scale, ctx.max_side, ctx.backend = max_seqlen, scale, max_side, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw = ctx.saved_tensors
+    dq, dk, dv, dth, dtw = _varlen_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
+                                                         tables_h, tables_w, grid_hw, ctx.max_side, ctx.backend)
+    if tables_h is None:
+        dth = dtw = None
+    else:
+        dth, dtw = dth.to(tables_h.dtype), dtw.to(tables_w.dtype)
+    return dq, dk, dv, None, None, None, dth, dtw, None, None, None
+
+
+_varlen_attention_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.deepencoder_kernels.varlen_attention_train)
+def _train_flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen, *args, **kwargs) -> int:
+    return _flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen)
+
+
+@register_flop_formula(torch.ops.deepencoder_kernels.varlen_attention_backward)
+def _backward_flop_formula(dout_shape, q_shape, k_shape, v_shape, out_shape, lse_shape, cu_shape, max_seqlen, *args, **kwargs) -> int:
+    return 2 * _flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen)   # the gradients' matmuls, as autograd counts them

@@ -1,0 +1,206 @@
+"""Backward of the packed varlen attention (optionally with SAM's per-sequence rel-pos bias),
+FA2-style: the forward keeps its output and each row's logsumexp (fp32 ``[total, heads]``); scores
+are recomputed tile by tile, on the forward's 1-D grid of (tile, sequence, head) programs sized by
+``max_seqlen`` (tiles past a sequence's end exit at once; no host sync). Each program owns what it
+writes (no float atomics: deterministic):
+
+- ``_dq_kernel`` (per q tile): ``dq``, ``delta = rowsum(dO * O)`` for the second kernel and, with
+  the bias, ``d(qR)`` through the gather (``attention_core.sum_by_key_coord``) into ``dq`` and a
+  per-program partial table gradient (the ops layer sums them per side in a fixed order);
+- ``_dkv_kernel`` (per key tile): ``dk``, ``dv``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import launch_grid
+from .attention_core import (q_rel_pos_tables, recompute_probs, rel_pos_bias_tile, sum_by_key_coord, through_rel_pos_table,
+                             tile_of_program)
+from .configs import varlen_attention_bwd_config
+
+
+@triton.jit
+def _varlen_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr,
+    grid_hw_ptr, tables_h_ptr, tables_w_ptr, table_rows_ptr, dtable_h_ptr, dtable_w_ptr,   # HAS_BIAS only
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,   # out, dout, dq: contiguous [total, heads, d]
+    num_heads, num_m_tiles, sm_scale,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
+    LK_H: tl.constexpr, LK_W: tl.constexpr,
+):
+    pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
+    start = tl.load(cu_seqlens_ptr + seq)
+    n = tl.load(cu_seqlens_ptr + seq + 1) - start
+    if pid_m * BLOCK_M >= n:
+        return
+    precision: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
+    d = tl.arange(0, HEAD_DIM)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid_m = offs_m < n
+    rows_m = (start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows_m[:, None] * stride_qt + head * stride_qh + d[None, :], mask=valid_m[:, None], other=0.0)
+    o_offs = (rows_m * num_heads + head) * HEAD_DIM
+    o = tl.load(out_ptr + o_offs[:, None] + d[None, :], mask=valid_m[:, None], other=0.0)
+    do = tl.load(dout_ptr + o_offs[:, None] + d[None, :], mask=valid_m[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(delta_ptr + rows_m * num_heads + head, delta, mask=valid_m)
+    lse2 = tl.load(lse_ptr + rows_m * num_heads + head, mask=valid_m, other=float("inf")) * 1.4426950408889634
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    if HAS_BIAS:
+        seq_h = tl.load(grid_hw_ptr + 2 * seq)
+        seq_w = tl.load(grid_hw_ptr + 2 * seq + 1)
+        first_h = tl.load(table_rows_ptr + 2 * seq).to(tl.int64)
+        first_w = tl.load(table_rows_ptr + 2 * seq + 1).to(tl.int64)
+        qy = offs_m // seq_w
+        qx = offs_m % seq_w
+        q_rh, q_rw = q_rel_pos_tables(q, tables_h_ptr + first_h * HEAD_DIM, tables_w_ptr + first_w * HEAD_DIM,
+                                      2 * seq_h - 1, 2 * seq_w - 1, d, HEAD_DIM, LP_H, LP_W, precision)
+        t_h = tl.zeros([BLOCK_M, LK_H], dtype=tl.float32)
+        t_w = tl.zeros([BLOCK_M, LK_W], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < n
+        rows_n = (start + offs_n).to(tl.int64)
+        k = tl.load(k_ptr + rows_n[:, None] * stride_kt + head * stride_kh + d[None, :], mask=valid_n[:, None], other=0.0)
+        v = tl.load(v_ptr + rows_n[:, None] * stride_vt + head * stride_vh + d[None, :], mask=valid_n[:, None], other=0.0)
+        if HAS_BIAS:
+            ky = offs_n // seq_w
+            kx = offs_n % seq_w
+            bias = rel_pos_bias_tile(q_rh, q_rw, qy, qx, ky, kx, valid_n, seq_h, seq_w, LP_H, LP_W)
+        else:
+            bias = 0.0
+        p = recompute_probs(q, k, bias, valid_n, lse2, qk_scale, HAS_BIAS, precision)
+        dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=precision)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq += tl.dot(ds, k.to(q.dtype), input_precision=precision)
+        if HAS_BIAS:
+            t_h += sum_by_key_coord(ds, ky, valid_n, LK_H, precision)
+            t_w += sum_by_key_coord(ds, kx, valid_n, LK_W, precision)
+    dq = dq * sm_scale
+    if HAS_BIAS:
+        pid = tl.program_id(0).to(tl.int64)
+        dq = through_rel_pos_table(dq, t_h, q, qy, seq_h, tables_h_ptr + first_h * HEAD_DIM, dtable_h_ptr + pid * LP_H * HEAD_DIM,
+                                   d, LK_H, LP_H, HEAD_DIM, precision)
+        dq = through_rel_pos_table(dq, t_w, q, qx, seq_w, tables_w_ptr + first_w * HEAD_DIM, dtable_w_ptr + pid * LP_W * HEAD_DIM,
+                                   d, LK_W, LP_W, HEAD_DIM, precision)
+    tl.store(dq_ptr + o_offs[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=valid_m[:, None])
+
+
+@triton.jit
+def _varlen_attention_bwd_dkv_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
+    grid_hw_ptr, tables_h_ptr, tables_w_ptr, table_rows_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,   # dout, dk, dv: contiguous [total, heads, d]
+    num_heads, num_n_tiles, sm_scale,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
+):
+    pid_n, seq, head = tile_of_program(num_n_tiles, num_heads)
+    start = tl.load(cu_seqlens_ptr + seq)
+    n = tl.load(cu_seqlens_ptr + seq + 1) - start
+    if pid_n * BLOCK_N >= n:
+        return
+    precision: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
+    d = tl.arange(0, HEAD_DIM)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid_n = offs_n < n
+    rows_n = (start + offs_n).to(tl.int64)
+    k = tl.load(k_ptr + rows_n[:, None] * stride_kt + head * stride_kh + d[None, :], mask=valid_n[:, None], other=0.0)
+    v = tl.load(v_ptr + rows_n[:, None] * stride_vt + head * stride_vh + d[None, :], mask=valid_n[:, None], other=0.0)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if HAS_BIAS:
+        seq_h = tl.load(grid_hw_ptr + 2 * seq)
+        seq_w = tl.load(grid_hw_ptr + 2 * seq + 1)
+        first_h = tl.load(table_rows_ptr + 2 * seq).to(tl.int64)
+        first_w = tl.load(table_rows_ptr + 2 * seq + 1).to(tl.int64)
+        ky = offs_n // seq_w
+        kx = offs_n % seq_w
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for start_m in range(0, n, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < n
+        rows_m = (start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows_m[:, None] * stride_qt + head * stride_qh + d[None, :], mask=valid_m[:, None], other=0.0)
+        do = tl.load(dout_ptr + ((rows_m * num_heads + head) * HEAD_DIM)[:, None] + d[None, :], mask=valid_m[:, None], other=0.0)
+        lse2 = tl.load(lse_ptr + rows_m * num_heads + head, mask=valid_m, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + rows_m * num_heads + head, mask=valid_m, other=0.0)
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        if HAS_BIAS:
+            q_rh, q_rw = q_rel_pos_tables(q, tables_h_ptr + first_h * HEAD_DIM, tables_w_ptr + first_w * HEAD_DIM,
+                                          2 * seq_h - 1, 2 * seq_w - 1, d, HEAD_DIM, LP_H, LP_W, precision)
+            bias = rel_pos_bias_tile(q_rh, q_rw, offs_m // seq_w, offs_m % seq_w, ky, kx, valid_n, seq_h, seq_w, LP_H, LP_W)
+        else:
+            bias = 0.0
+        p = recompute_probs(q, k, bias, valid_n, lse2, qk_scale, HAS_BIAS, precision)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=precision)
+        dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=precision)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk += tl.dot(tl.trans(ds), q, input_precision=precision)
+    offs = ((rows_n * num_heads + head) * HEAD_DIM)[:, None] + d[None, :]
+    tl.store(dk_ptr + offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=valid_n[:, None])
+    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=valid_n[:, None])
+
+
+def kernels_for(interpret: bool):
+    from ._runtime import check_mode
+
+    return check_mode(_varlen_attention_bwd_dq_kernel, interpret), check_mode(_varlen_attention_bwd_dkv_kernel, interpret)
+
+
+def varlen_bwd_grids(num_seqs: int, heads: int, max_seqlen: int, dq_cfg: dict, dkv_cfg: dict):
+    """(q tiles, key tiles per sequence, dq grid, dkv grid) from host ints alone."""
+    m, n = triton.cdiv(max_seqlen, dq_cfg["BLOCK_M"]), triton.cdiv(max_seqlen, dkv_cfg["BLOCK_N"])
+    return m, n, launch_grid(m * num_seqs * heads), launch_grid(n * num_seqs * heads)
+
+
+def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float, bias_tables=None,
+                         interpret: bool = False):
+    """``(dq, dk, dv)`` (contiguous ``[total, heads, d]``) and, with ``bias_tables`` (as the forward
+    took them), the per-program partial table gradients ``(fp32 [programs, LP_H, d], [programs,
+    LP_W, d])`` (zeros where a program had no rows), else ``None``."""
+    total, heads, head_dim = q.shape
+    num_seqs = cu_seqlens.shape[0] - 1
+    has_bias = bias_tables is not None
+    max_h, max_w = (bias_tables[4], bias_tables[5]) if has_bias else (1, 1)
+    dq_cfg, dkv_cfg = varlen_attention_bwd_config(has_bias, max_h, max_w)
+    dq, dk, dv = (torch.empty(total, heads, head_dim, device=q.device, dtype=q.dtype) for _ in range(3))
+    m_tiles, n_tiles, dq_grid, dkv_grid = varlen_bwd_grids(max(num_seqs, 0), heads, max(max_seqlen, 1), dq_cfg, dkv_cfg)
+    parts = None
+    if has_bias:
+        parts = tuple(torch.zeros(dq_grid[0], lp, head_dim, device=q.device, dtype=torch.float32)
+                      for lp in (dq_cfg["LP_H"], dq_cfg["LP_W"]))
+    if total == 0 or max_seqlen == 0 or num_seqs == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), parts
+    dout, out = dout.contiguous(), out.contiguous()
+    if has_bias:
+        grid_hw, tables_h, tables_w, table_rows = (t.contiguous() for t in bias_tables[:4])
+        tables_h, tables_w = tables_h.to(q.dtype), tables_w.to(q.dtype)
+        dparts = parts
+    else:
+        grid_hw = tables_h = tables_w = table_rows = cu_seqlens   # never read
+        dparts = (lse, lse)
+    delta = torch.empty_like(lse)
+    upcast = interpret and q.dtype == torch.bfloat16
+    common = dict(HEAD_DIM=head_dim, HAS_BIAS=has_bias, IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST_DOT=upcast)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    dq_kernel, dkv_kernel = kernels_for(interpret)
+    dq_kernel[dq_grid](q, k, v, out, dout, lse, delta, dq, cu_seqlens, grid_hw, tables_h, tables_w, table_rows, *dparts,
+                       *strides, heads, m_tiles, scale, **common, **dq_cfg)
+    dkv_kernel[dkv_grid](q, k, v, dout, lse, delta, dk, dv, cu_seqlens, grid_hw, tables_h, tables_w, table_rows,
+                         *strides, heads, n_tiles, scale, **common, **dkv_cfg)
+    return dq, dk, dv, parts
