@@ -89,3 +89,17 @@ def test_real_encoder_compiles_fullgraph_on_cuda(dtype):
     assert_close(got, want, dtype)
     for g, w in zip(got_packed, want_packed):
         assert_close(g, w, dtype)
+
+
+def test_nvtx_falls_back_to_torch_cuda_nvtx(monkeypatch):
+    """A GPU machine's own Python may lack the nvtx package: the ranges then go through torch.cuda.nvtx."""
+    from deepencoder_kernels import stages
+
+    calls = []
+    monkeypatch.setattr(stages, "_nvtx", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda msg: calls.append(("push", msg)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop",)))
+    with nvtx_stage("CLIP"):
+        calls.append("work")
+    assert calls == [("push", "deepencoder/CLIP"), "work", ("pop",)]
