@@ -40,12 +40,14 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if config.gpu_process:
         reason = None if torch.cuda.is_available() else "no CUDA device here (torch.cuda.is_available() is False)"
+        other = "this process compiles Triton (GPU tests): the interpreter tests run in a plain `pytest` process"
     else:
         reason = "GPU tests run compiled Triton in their own process: `pytest -m gpu` (this one interprets Triton)"
-    if reason:
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=reason))
+        other = None
+    for item in items:
+        gpu = "gpu" in item.keywords
+        if gpu and reason or not gpu and other:
+            item.add_marker(pytest.mark.skip(reason=reason if gpu else other))
 
 
 def by_device(cpu_cases, cuda_cases, ids=None):
