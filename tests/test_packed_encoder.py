@@ -137,7 +137,11 @@ def test_full_size_packed_mixed_modes_on_cuda(dtype):
     assert [p.shape for p in packed] == [a.shape for a in alone]
     for p, a, mode in zip(packed, alone, modes):
         assert p.device.type == "cuda" and p.dtype == dtype
-        assert_close(p, a, dtype, msg=mode)
+        if dtype == torch.float32:
+            assert_close(p, a, dtype, msg=mode)
+        else:   # other GEMM batch sizes round differently, and 36 bf16 layers carry it: norm-wise, then
+            rel = ((p.float() - a.float()).norm() / a.float().norm()).item()   # (a wrong grid or table is O(1))
+            assert rel < 2e-2, f"{mode}: packed vs alone relative error {rel:.3g}"
     if dtype == torch.float32:
         with dk.backend("reference"):
             oracle = [enc.encode(img, mode)[0] for img, mode in zip(imgs, modes)]
