@@ -86,9 +86,12 @@ def test_real_encoder_compiles_fullgraph_on_cuda(dtype):
         want, want_packed = enc.encode_pixels(pixels), enc.encode_views_packed(views)
         got = torch.compile(enc.encode_pixels, fullgraph=True)(pixels)
         got_packed = torch.compile(enc.encode_views_packed, fullgraph=True)(views)
-    assert_close(got, want, dtype)
-    for g, w in zip(got_packed, want_packed):
-        assert_close(g, w, dtype)
+    # inductor fuses elementwise chains in fp32 where eager rounds each step to bf16; over 36 layers
+    # that is compared norm-wise (a graph that computes something else is off by O(1))
+    for g, w in zip([got, *got_packed], [want, *want_packed]):
+        assert g.shape == w.shape and g.dtype == dtype
+        rel = ((g.float() - w.float()).norm() / w.float().norm()).item()
+        assert rel < 2e-2, f"compiled vs eager relative error {rel:.3g}"
 
 
 def test_nvtx_falls_back_to_torch_cuda_nvtx(monkeypatch):
