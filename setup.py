@@ -45,7 +45,7 @@ setup(
     packages=["deepencoder_kernels", "deepencoder_kernels.ops", "deepencoder_kernels.modules", "deepencoder_kernels.kernels",
               "deepencoder_kernels.csrc"],
     # the CUDA kernel source ships as data: the CuPy path compiles it with NVRTC at run time
-    package_data={"deepencoder_kernels.csrc": ["*.h", "*.cuh"]},
+    package_data={"deepencoder_kernels.csrc": ["*.h", "*.cuh"], "deepencoder_kernels.kernels": ["tuned/*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
 )

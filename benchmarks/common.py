@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -14,7 +15,8 @@ import torch
 from deepencoder_kernels import config as cfg
 from deepencoder_kernels.profiler import device_name
 
-RESULTS = Path(__file__).parent / "results"
+# DEEPENCODER_KERNELS_RESULTS: write elsewhere (scripts/gpu_check.sh keeps one machine's results apart)
+RESULTS = Path(os.environ.get("DEEPENCODER_KERNELS_RESULTS") or Path(__file__).parent / "results")
 MODES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
 
 
@@ -44,7 +46,7 @@ def device_info() -> dict:
 
 
 def write_result(name: str, rows: list[dict]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**device_info(), "rows": rows}, indent=1))
     return path

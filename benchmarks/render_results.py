@@ -1,15 +1,20 @@
 """Regenerate README's results section from the JSON files in benchmarks/results (nothing typed).
 
     python benchmarks/render_results.py
+
+DEEPENCODER_KERNELS_RESULTS / DEEPENCODER_KERNELS_README: read results from / write into other
+places (scripts/gpu_check.sh renders a GPU machine's results into a copy of the README).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("DEEPENCODER_KERNELS_RESULTS") or ROOT / "benchmarks" / "results")
+README = Path(os.environ.get("DEEPENCODER_KERNELS_README") or ROOT / "README.md")
 MiB = 2**20
 
 
@@ -25,7 +30,7 @@ def profile_section(path: Path) -> list[str]:
     p = json.loads(path.read_text())
     out = [f"**Profile, mode `{p['mode']}`** ({p['dtype']}, {p['device_name']}, backend `{p['backend']}`, "
            f"weights: {p['weights']}, {p['date']}, torch {p['versions']['torch']}): "
-           f"`deepencoder-kernels profile --mode {p['mode']} --json {path.relative_to(ROOT)}`", ""]
+           f"`deepencoder-kernels profile --mode {p['mode']} --json benchmarks/results/{path.name}`", ""]
     out += timing_note(p)
     span = lambda lo, hi: f"{lo:.2f}..{hi:.2f}"  # noqa: E731
     rows = [[s["name"], s["calls"], s["tokens_in"], s["tokens_out"], f"{s['flops'] / 1e9:.1f}", f"{s['peak_bytes'] / MiB:.1f}",
@@ -118,10 +123,48 @@ def compress_section(path: Path) -> list[str]:
                        "reference peak MiB>|fused peak MiB>|reference allocated MiB>|fused allocated MiB>", rows)
 
 
+def rows_section(path: Path, title: str, command: str) -> list[str]:
+    """Any result file with a ``rows`` list (the GPU timings): every scalar field a column, as measured."""
+    m = json.loads(path.read_text())
+    rows = m.get("rows") or []
+    if not rows:
+        return []
+    columns = [k for k in dict.fromkeys(k for r in rows for k in r) if all(not isinstance(r.get(k), (dict, list)) for r in rows)]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    out = [f"**{title}** ({m.get('device', '?')}, {m.get('date', '?')}, torch {m.get('torch', '?')}): `{command}`", ""]
+    return out + table("|".join(columns), [[fmt(r.get(c)) for c in columns] for r in rows])
+
+
+def pytest_benchmark_section(path: Path) -> list[str]:
+    """pytest-benchmark's JSON (bench_rel_pos_attention.py): median per case and its extra_info."""
+    m = json.loads(path.read_text())
+    benches = m.get("benchmarks") or []
+    if not benches:
+        return []
+    extra = [k for k in dict.fromkeys(k for b in benches for k in b.get("extra_info", {})) if k != "device"]
+    device = next((b["extra_info"].get("device") for b in benches if b.get("extra_info", {}).get("device")), "?")
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    out = [f"**SAM rel-pos attention on the GPU** ({device}, {m.get('datetime', '?')[:10]}; median of 20 rounds): "
+           f"`pytest benchmarks/bench_rel_pos_attention.py`", ""]
+    rows = [[b["name"].removeprefix("test_rel_pos_attention"), f"{b['stats']['median'] * 1e3:.4f}"]
+            + [fmt(b.get("extra_info", {}).get(k)) for k in extra] for b in benches]
+    return out + table("case|median ms>|" + "|".join(f"{k}>" for k in extra), rows)
+
+
+def tuned_section(path: Path) -> list[str]:
+    t = json.loads(path.read_text())
+    out = [f"**Tuned launch configs** ({t['device']}, Triton {t['triton']}, {t['date']}; {t['timing']}): "
+           f"`deepencoder-kernels tune` -> `{path.name}`", ""]
+    rows = [[key, e["shape"], " ".join(f"{k}={v}" for k, v in e["config"].items()), f"{e['median_ms']:.4f}",
+             "" if e["default_ms"] is None else f"{e['default_ms']:.4f}",
+             "" if e["speedup_vs_default"] is None else f"{e['speedup_vs_default']:.2f}x"] for key, e in t["entries"].items()]
+    return out + table("kernel, key|shape|winner|median ms>|default ms>|vs default>", rows)
+
+
 def static_section(path: Path) -> list[str]:
     s = json.loads(path.read_text())
     out = [f"**Static kernel report** (AOT, Triton {s['triton']}, no GPU needed): "
-           f"`deepencoder-kernels static-report --check {path.relative_to(ROOT)}`", ""]
+           f"`deepencoder-kernels static-report --check benchmarks/baselines/static_report.json` (baseline `{path.name}`)", ""]
     # fp16 rows are identical in every figure; the JSON holds both
     rows = [[r[k] for k in ("kernel", "case", "config", "target", "dtype", "registers", "spill_bytes", "shared_bytes",
                             "tensor_core_instructions")] for r in s["rows"] if r["dtype"] == "bf16"]
@@ -130,12 +173,15 @@ def static_section(path: Path) -> list[str]:
 
 def main() -> None:
     parts: list[str] = []
-    profiles = sorted(RESULTS.glob("profile_*.json"))
-    for path in profiles:
-        if json.loads(path.read_text())["mode"] == "base":
-            parts += profile_section(path) + [""]
-    if len(profiles) > 1:
-        parts += modes_section(profiles) + [""]
+    by_device: dict[str, list[Path]] = {}   # profile_<mode>_<device>.json
+    for path in sorted(RESULTS.glob("profile_*.json")):
+        by_device.setdefault(path.stem.split("_", 2)[-1], []).append(path)
+    for profiles in by_device.values():
+        for path in profiles:
+            if json.loads(path.read_text())["mode"] == "base":
+                parts += profile_section(path) + [""]
+        if len(profiles) > 1:
+            parts += modes_section(profiles) + [""]
     for path in sorted(RESULTS.glob("attention_memory_*.json")):
         parts += memory_section(path) + [""]
     for path in sorted(RESULTS.glob("compress_c*.json")):
@@ -144,8 +190,19 @@ def main() -> None:
         parts += packing_section(RESULTS / "packing.json") + [""]
     for path in sorted(RESULTS.glob("saccade_gather_*.json")):
         parts += saccade_section(path) + [""]
-    parts += static_section(ROOT / "benchmarks" / "baselines" / "static_report.json")
-    readme = ROOT / "README.md"
+    gpu = [(RESULTS.glob("packed_*.json"), "Packed attention and encoder on the GPU", "cd benchmarks && python bench_packed.py"),
+           (RESULTS.glob("compress_timing_*.json"), "Neck + compressor on the GPU", "cd benchmarks && python bench_compress.py")]
+    for paths, title, command in gpu:
+        for path in sorted(paths):
+            parts += rows_section(path, title, command) + [""]
+    for path in sorted(RESULTS.glob("rel_pos_attention_*.json")):
+        parts += pytest_benchmark_section(path) + [""]
+    for path in sorted(RESULTS.glob("tuned_*.json")):
+        parts += tuned_section(path) + [""]
+    baselines = sorted((ROOT / "benchmarks" / "baselines").glob("static_report_triton-*.json"),
+                       key=lambda p: tuple(int(x) for x in p.stem.rsplit("-", 1)[1].split(".")))
+    parts += static_section(baselines[-1])   # the newest Triton's (each version's baseline is in the folder)
+    readme = README
     text = readme.read_text()
     block = "<!-- results:start (generated by benchmarks/render_results.py) -->\n" + "\n".join(parts) + "\n<!-- results:end -->"
     text = re.sub(r"<!-- results:start.*?<!-- results:end -->", lambda _: block, text, flags=re.S)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("DEEPENCODER_KERNELS_RESULTS") or HERE / "results")   # see common.py
 MODES = ("tiny", "small", "base", "large", "gundam")
 MiB = 2**20
 
@@ -31,15 +33,20 @@ def run(cmd: list[str]) -> None:
 
 
 def device_tag() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Result files are named by device: the GPU's name, or "cpu"."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", torch.cuda.get_device_name()).strip("_") if torch.cuda.is_available() else "cpu"
 
 
-def run_benchmarks(quick: bool) -> None:
+def run_benchmarks(quick: bool, modes=MODES, dry_run: bool = False) -> None:
     py = sys.executable
     tag = device_tag()
-    for mode in MODES:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for mode in modes:
         run([py, "-m", "deepencoder_kernels", "profile", "--mode", mode, "--quiet",
              "--json", str(RESULTS / f"profile_{mode}_{tag}.json"), "--plot", str(RESULTS / f"profile_{mode}_{tag}.png")])
+    if dry_run:   # scripts/gpu_check.sh --dry-run: the steps, not the figures (tests/test_benchmarks_smoke.py runs the GPU code)
+        run([py, "bench_packed.py"])
+        return
     run([py, "bench_saccade_gather.py"])
     run([py, "bench_packed.py"])
     if not quick:
@@ -136,12 +143,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip the interpreter-heavy memory measurements")
     ap.add_argument("--plots-only", action="store_true", help="re-plot and re-render from the existing JSON files")
+    ap.add_argument("--no-render", action="store_true", help="leave README.md alone")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to profile (default: all)")
+    ap.add_argument("--dry-run", action="store_true", help="rehearsal (scripts/gpu_check.sh --dry-run, which profiles first): packing counts, merge, plots")
     args = ap.parse_args()
     if not args.plots_only:
-        run_benchmarks(args.quick)
+        run_benchmarks(args.quick, () if args.dry_run else args.modes, args.dry_run)
     merge()
     plots()
-    run([sys.executable, "render_results.py"])
+    if not args.no_render:
+        run([sys.executable, "render_results.py"])
     return 0
 
 

@@ -5,6 +5,12 @@ shapes) and the tests. Keys name the case; values are plain dicts of constexprs 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import re
+from pathlib import Path
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -20,11 +26,17 @@ REL_POS_ATTENTION = {
 }
 
 
-def rel_pos_attention_config(window_size: int, seq_h: int, seq_w: int) -> tuple[str, dict]:
+def rel_pos_attention_config(window_size: int, seq_h: int, seq_w: int, device=None) -> tuple[str, dict]:
     name = "windowed" if window_size > 0 else "global"
-    cfg = dict(REL_POS_ATTENTION[name])
+    cfg = _chosen("rel_pos_attention", name, tuning_key("rel_pos_attention", name, seq_h, seq_w), device)
     cfg["LP_H"] = max(16, next_pow2(2 * seq_h - 1))
     cfg["LP_W"] = max(16, next_pow2(2 * seq_w - 1))
+    if not fits(cfg, max(cfg["LP_H"], cfg["LP_W"])):   # a candidate meant for smaller grids
+        cfg = {**REL_POS_ATTENTION[name], "LP_H": cfg["LP_H"], "LP_W": cfg["LP_W"]}
+    cfg.pop("MAX_LP", None)
+    if cfg.get("QR_TILE"):   # q.R_h per key tile: the table rows one (q tile, key tile) pair can index
+        rows = lambda n: 1 + -(-(n - 1) // seq_w)  # noqa: E731  (grid rows n consecutive tokens can touch)
+        cfg["QR_TILE"] = max(cfg["QR_TILE"], next_pow2(rows(cfg["BLOCK_M"]) + rows(cfg["BLOCK_N"]) - 1))
     return name, cfg
 
 
@@ -57,8 +69,9 @@ VARLEN_ATTENTION = {
 }
 
 
-def varlen_attention_config(has_bias: bool, max_side_h: int, max_side_w: int) -> dict:
-    cfg = dict(VARLEN_ATTENTION["rel_pos" if has_bias else "plain"])
+def varlen_attention_config(has_bias: bool, max_side_h: int, max_side_w: int, device=None) -> dict:
+    entry = "rel_pos" if has_bias else "plain"
+    cfg = _chosen("varlen_attention", entry, tuning_key("varlen_attention", entry, *((max_side_h, max_side_w) if has_bias else ())), device)
     cfg["LP_H"] = max(16, next_pow2(2 * max_side_h - 1))
     cfg["LP_W"] = max(16, next_pow2(2 * max_side_w - 1))
     return cfg
@@ -94,7 +107,7 @@ COMPRESS = {
 
 
 def compress_config(name: str, c_out: int, device=None) -> dict:
-    cfg = dict(COMPRESS[name])
+    cfg = _chosen("compress", name, name, device)
     if "BLOCK_N" not in cfg:  # LayerNorm step: every output channel in the tile
         cfg["BLOCK_N"] = max(16, next_pow2(c_out))
     return cfg
@@ -127,3 +140,98 @@ def compress_bwd_config(name: str, channels: int) -> dict:
     if "BLOCK_N" not in cfg:  # LayerNorm backward: every channel of a pixel in the tile
         cfg["BLOCK_N"] = max(16, next_pow2(channels))
     return cfg
+
+
+# ---- tuning: candidates and per-device winners ------------------------------------------------
+# Every launch config the tuner may try, per entry above, the shipped default first. The static
+# report compiles each one at the real shapes (sm_80, sm_90a), so a GPU only ever times configs
+# known to compile with 0 spills within shared memory; the launchers accept a tuned winner only if
+# it is still one of these.
+CANDIDATES = {
+    "rel_pos_attention": {
+        "windowed": [REL_POS_ATTENTION["windowed"],
+                     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+                     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)],
+        "global": [REL_POS_ATTENTION["global"],
+                   dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+                   # q.R_h per key tile (QR_TILE rows): only the w table stays on chip, so 64-row q tiles
+                   # fit up to Base's grid (128-row tables); with Large's 256 rows the w table spills
+                   dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, QR_TILE=16, MAX_LP=128)],
+    },
+    "varlen_attention": {
+        "plain": [VARLEN_ATTENTION["plain"],
+                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                  dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+        "rel_pos": [VARLEN_ATTENTION["rel_pos"]],   # the others tried spill somewhere (Large's 256-row tables)
+    },
+    # the LayerNorm steps hold 256 output channels per tile: most other tilings spill (static report)
+    "compress": {
+        "neck_1x1_ln": [COMPRESS["neck_1x1_ln"], dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=2)],
+        "neck_3x3_ln": [COMPRESS["neck_3x3_ln"]],
+        "net2_3x3_s2": [COMPRESS["net2_3x3_s2"]],
+        "net3_3x3_s2": [COMPRESS["net3_3x3_s2"], dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)],
+    },
+}
+
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"   # <device slug>.json, written by `deepencoder-kernels tune`
+_FORCED: dict = {}   # (kernel, key) -> config, set only by forced() (the tuner)
+
+
+def fits(candidate: dict, lp: int) -> bool:
+    """Whether a candidate serves rel-pos tables of ``lp`` rows (``MAX_LP``: its on-chip tables spill
+    past that; the static report compiles it only where it fits, the launchers use it only there)."""
+    return lp <= candidate.get("MAX_LP", lp)
+
+
+def tuning_key(kernel: str, entry: str, seq_h: int = 0, seq_w: int = 0) -> str:
+    """The tuned table's key for a launch: the entry plus, for attention with rel-pos, the sequence
+    grid (it sets the table length and the work per tile)."""
+    return f"{entry}/{seq_h}x{seq_w}" if seq_h else entry
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_")
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(device_name: str) -> dict:
+    """Winners recorded for one device (empty when never tuned there)."""
+    path = TUNED_DIR / f"{device_slug(device_name)}.json"
+    return json.loads(path.read_text()).get("entries", {}) if path.exists() else {}
+
+
+def _cuda_device_name(device) -> str:
+    import torch
+
+    index = torch.device(device).index
+    return _device_names(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_names(index: int) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(index)
+
+
+def _chosen(kernel: str, entry: str, key: str, device) -> dict:
+    """Forced (tuner) > tuned for this CUDA device > the shipped default. A tuned config that is no
+    longer a candidate (stale table) is ignored."""
+    if (kernel, key) in _FORCED:
+        return dict(_FORCED[kernel, key])
+    default = CANDIDATES[kernel][entry][0]
+    if device is None or str(device).split(":")[0] != "cuda":
+        return dict(default)
+    win = tuned_table(_cuda_device_name(device)).get(f"{kernel}|{key}", {}).get("config")
+    return dict(win if win in CANDIDATES[kernel][entry] else default)
+
+
+@contextlib.contextmanager
+def forced(kernel: str, key: str, config: dict):
+    """Launch ``kernel`` with ``config`` wherever its tuning key is ``key`` (the tuner's hook)."""
+    _FORCED[kernel, key] = config
+    try:
+        yield
+    finally:
+        _FORCED.pop((kernel, key), None)

@@ -37,6 +37,26 @@ def _sequence_tokens(offs, SEQ_W, n_tokens, origin_y, origin_x, H, W):
 
 
 @triton.jit
+def _bias_h_per_key_tile(q, q_rw, table_h_ptr, ty, tx, ky, kx, valid_n, qy_first, ky_last, seq_h, seq_w, d,
+                         HEAD_DIM: tl.constexpr, LP_W: tl.constexpr, QR_TILE: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile's bias with ``q R_h`` computed here for only the table rows this (q tile, key
+    tile) pair indexes: ``y_i - y_j + seq_h - 1`` spans the q tile's rows + the key tile's rows - 1
+    values (the launcher sizes QR_TILE to that), so just the w table stays on chip for the whole q
+    tile: half the registers of both tables, room for twice the q rows. One [BLOCK_M, QR_TILE] dot
+    per key tile more."""
+    first = qy_first - ky_last + seq_h - 1
+    rows = first + tl.arange(0, QR_TILE)
+    table = tl.load(table_h_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=((rows >= 0) & (rows < 2 * seq_h - 1))[:, None],
+                    other=0.0)
+    q_rh = tl.dot(q, tl.trans(table.to(q.dtype)), input_precision=PRECISION)
+    idx_h = tl.where(valid_n[None, :], ty[:, None] - ky[None, :] + seq_h - 1 - first, 0)
+    idx_h = tl.minimum(tl.maximum(idx_h, 0), QR_TILE - 1)   # only dead q rows reach the clamp
+    idx_w = tl.where(valid_n[None, :], tx[:, None] - kx[None, :] + seq_w - 1, 0)
+    idx_w = tl.minimum(tl.maximum(idx_w, 0), LP_W - 1)
+    return tl.gather(q_rh, idx_h, 1) + tl.gather(q_rw, idx_w, 1)
+
+
+@triton.jit
 def _rel_pos_attention_fwd_kernel(
     qkv_ptr, pad_ptr, table_h_ptr, table_w_ptr, out_ptr,
     lse_ptr,                    # fp32 [B, heads, H, W] (natural log), written only when STORE_LSE
@@ -54,6 +74,7 @@ def _rel_pos_attention_fwd_kernel(
     UPCAST_DOT: tl.constexpr,   # dot in fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
     STORE_LSE: tl.constexpr = False,   # training: keep each row's logsumexp for the backward
+    QR_TILE: tl.constexpr = 0,         # > 0: q.R_h per key tile, this many table rows (_bias_h_per_key_tile)
 ):
     pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
     if WINDOWED:
@@ -82,9 +103,15 @@ def _rel_pos_attention_fwd_kernel(
     if UPCAST_DOT:
         q = q.to(tl.float32)
 
-    # ---- q against every rel-pos table row, kept on chip ----------------------------------------
-    q_rh, q_rw = q_rel_pos_tables(q, table_h_ptr, table_w_ptr, 2 * SEQ_H - 1, 2 * SEQ_W - 1, d,
-                                  HEAD_DIM, LP_H, LP_W, precision)
+    # ---- q against every rel-pos table row, kept on chip (with QR_TILE: the w table only) --------
+    if QR_TILE == 0:
+        q_rh, q_rw = q_rel_pos_tables(q, table_h_ptr, table_w_ptr, 2 * SEQ_H - 1, 2 * SEQ_W - 1, d,
+                                      HEAD_DIM, LP_H, LP_W, precision)
+    else:
+        rows_w = tl.arange(0, LP_W)
+        table_w = tl.load(table_w_ptr + rows_w[:, None] * HEAD_DIM + d[None, :], mask=(rows_w < 2 * SEQ_W - 1)[:, None], other=0.0)
+        q_rw = tl.dot(q, tl.trans(table_w.to(q.dtype)), input_precision=precision)
+        qy_first = (pid_m * BLOCK_M) // SEQ_W
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -104,7 +131,12 @@ def _rel_pos_attention_fwd_kernel(
             is_pad = (in_seq_n & ~real_n)[:, None]
             k = tl.where(is_pad, pad_k[None, :], k)
             v = tl.where(is_pad, pad_v[None, :], v)
-        bias = rel_pos_bias_tile(q_rh, q_rw, ty, tx, ky, kx, in_seq_n, SEQ_H, SEQ_W, LP_H, LP_W)
+        if QR_TILE == 0:
+            bias = rel_pos_bias_tile(q_rh, q_rw, ty, tx, ky, kx, in_seq_n, SEQ_H, SEQ_W, LP_H, LP_W)
+        else:
+            ky_last = (tl.minimum(start_n + BLOCK_N, n_tokens) - 1) // SEQ_W
+            bias = _bias_h_per_key_tile(q, q_rw, table_h_ptr, ty, tx, ky, kx, in_seq_n, qy_first, ky_last, SEQ_H, SEQ_W,
+                                        d, HEAD_DIM, LP_W, QR_TILE, precision)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, bias, in_seq_n, qk_scale, True, precision)
 
     out = acc / l_i[:, None]
@@ -123,7 +155,7 @@ def kernel_for(interpret: bool):
     return check_mode(_rel_pos_attention_fwd_kernel, interpret)
 
 
-def launch_args(qkv_shape, num_heads: int, window_size: int):
+def launch_args(qkv_shape, num_heads: int, window_size: int, device=None):
     """Sequence geometry, config and launch grid for a call (from shapes alone): shared by the
     launcher, the static report and the launch-limit tests."""
     B, H, W, C3 = qkv_shape
@@ -132,7 +164,7 @@ def launch_args(qkv_shape, num_heads: int, window_size: int):
         windows_h, windows_w = -(-H // window_size), -(-W // window_size)
     else:
         seq_h, seq_w, windows_h, windows_w = H, W, 1, 1
-    name, cfg = rel_pos_attention_config(window_size, seq_h, seq_w)
+    name, cfg = rel_pos_attention_config(window_size, seq_h, seq_w, device)   # device: its tuned table, if any
     num_seqs = B * windows_h * windows_w
     num_m_tiles = triton.cdiv(seq_h * seq_w, cfg["BLOCK_M"])
     return dict(seq_h=seq_h, seq_w=seq_w, windows_w=windows_w, windows_per_image=windows_h * windows_w,
@@ -147,7 +179,7 @@ def rel_pos_attention_fwd(qkv, table_h, table_w, num_heads: int, window_size: in
     B, H, W, C3 = qkv.shape
     C = C3 // 3
     head_dim = C // num_heads
-    geo = launch_args(qkv.shape, num_heads, window_size)
+    geo = launch_args(qkv.shape, num_heads, window_size, qkv.device)
     cfg = dict(geo["config"])
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()

@@ -107,7 +107,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, bia
     num_seqs = cu_seqlens.shape[0] - 1
     has_bias = bias_tables is not None
     max_h, max_w = (bias_tables[4], bias_tables[5]) if has_bias else (1, 1)
-    cfg = varlen_attention_config(has_bias, max_h, max_w)
+    cfg = varlen_attention_config(has_bias, max_h, max_w, q.device)   # the device's tuned config, if any
     if total == 0 or max_seqlen == 0 or num_seqs == 0:
         return (out, lse) if with_lse else out
     if has_bias:

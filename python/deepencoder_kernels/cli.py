@@ -109,7 +109,14 @@ def main(argv=None) -> int:
     r = sub.add_parser("regression", help="FLOPs, bytes allocated per op and CPU speed-ups vs a committed baseline",
                        add_help=False)
     r.set_defaults(run=None)
+    t = sub.add_parser("tune", help="check and time every candidate launch config per kernel and shape; winners per device",
+                       add_help=False)
+    t.set_defaults(run=None)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "tune":
+        from .tune import main as tune_main
+
+        return tune_main(rest)
     if args.command == "static-report":
         from .static_report import main as static_main
 

@@ -73,6 +73,9 @@ def compile_figures(fn, signature: dict, constexprs: dict, target: str, num_warp
     from triton.compiler import ASTSource
 
     # 16-byte divisibility of pointers and strides, as the JIT specialises them at run time
+    for p in fn.params:   # constexprs left out keep the kernel's defaults (the compiler needs every one)
+        if p.is_constexpr and p.has_default and p.name not in constexprs:
+            constexprs, signature = {**constexprs, p.name: p.default}, {**signature, p.name: "constexpr"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
              if ty.startswith("*") or name.startswith("stride")}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -281,11 +284,27 @@ def kernel_specs():
     ]
 
 
+def with_candidates(name, cases):
+    """Each case's shipped config, then every other tuning candidate of its configs.py entry
+    (``CANDIDATES``; bf16 only, fp16 compiles alike), named ``<entry>#<i>``: the tuner times only
+    configs this report has seen compile cleanly."""
+    from deepencoder_kernels.kernels.configs import CANDIDATES, fits
+
+    for case, config_name, constexprs, num_warps, num_stages in cases():
+        yield case, config_name, constexprs, num_warps, num_stages, DTYPES
+        for i, cand in enumerate(CANDIDATES.get(name, {}).get(config_name, [])[1:], 1):
+            if not fits(cand, max(constexprs.get("LP_H", 0), constexprs.get("LP_W", 0))):
+                continue   # meant for smaller tables: never launched at this shape
+            cand = {k: v for k, v in cand.items() if k != "MAX_LP"}
+            launch = cand.pop("num_warps"), cand.pop("num_stages")
+            yield f"{case} #{i}", f"{config_name}#{i}", {**constexprs, **cand}, *launch, ("bf16",)
+
+
 def kernel_rows(name, kernel, cases, signature_of, targets=TARGETS, dtypes=DTYPES):
     cache: dict = {}
-    for case, config_name, constexprs, num_warps, num_stages in cases():
+    for case, config_name, constexprs, num_warps, num_stages, case_dtypes in with_candidates(name, cases):
         for target in targets:
-            for dtype in dtypes:
+            for dtype in (d for d in dtypes if d in case_dtypes):
                 row = Row(name, case, config_name, target, dtype)
                 signature = {**signature_of(dtype), **{c: "constexpr" for c in constexprs}}
                 key = (target, dtype, tuple(sorted(constexprs.items())), num_warps, num_stages)
@@ -332,6 +351,20 @@ def problems(rows: list[Row], baseline: dict | None) -> list[str]:
     return out
 
 
+def triton_version() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def versioned(path: str, version: str | None = None) -> str:
+    """Baselines are kept per Triton version (register counts differ between releases):
+    ``static_report.json`` names the family, ``static_report_triton-3.9.json`` the file for 3.9."""
+    root, ext = os.path.splitext(path)
+    root = re.sub(r"_triton-[0-9.]+$", "", root)
+    return f"{root}_triton-{version or triton_version()}{ext}"
+
+
 def to_json(rows: list[Row]) -> dict:
     import triton
 
@@ -351,8 +384,9 @@ def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="deepencoder-kernels static-report", description=__doc__)
-    ap.add_argument("--write", help="write the report as the baseline JSON here")
-    ap.add_argument("--check", help="compare against this baseline JSON; exit 1 on a regression")
+    ap.add_argument("--write", help="write the report as the baseline JSON here (as <name>_triton-<X.Y>.json, the running Triton's)")
+    ap.add_argument("--check", help="compare against this baseline JSON (<name>_triton-<X.Y>.json for the running Triton); "
+                                    "exit 1 on a regression")
     ap.add_argument("--json", help="also write this run's report here")
     args = ap.parse_args(argv)
     rows = build_report()
@@ -363,13 +397,18 @@ def main(argv=None) -> int:
             json.dump(data, f, indent=1)
     baseline = None
     if args.check:
-        with open(args.check) as f:
+        path = versioned(args.check)
+        if not os.path.exists(path):
+            print(f"STATIC REPORT FAILED: no baseline for Triton {triton_version()} ({path}); write one with --write", file=sys.stderr)
+            return 1
+        print(f"baseline: {path}")
+        with open(path) as f:
             baseline = json.load(f)
     found = problems(rows, baseline)
     if args.write and not found:
-        with open(args.write, "w") as f:
+        with open(versioned(args.write), "w") as f:
             json.dump(data, f, indent=1)
-        print(f"wrote baseline {args.write}")
+        print(f"wrote baseline {versioned(args.write)}")
     if found:
         print("\nSTATIC REPORT FAILED:\n  " + "\n  ".join(found), file=sys.stderr)
         return 1
