@@ -15,7 +15,7 @@ def _profile(args) -> int:
 
     with dispatch.backend(args.backend):
         p = profile(args.mode, args.image, args.weights, DTYPES[args.dtype], args.device, progress=not args.quiet,
-                    repeat=args.repeat, warmup=args.warmup, batch=args.batch)
+                    repeat=args.repeat, warmup=args.warmup, batch=args.batch, max_crops=args.max_crops)
     print(format_report(p))
     if args.json:
         save_json(p, args.json)
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="timed warm passes (median, min..max); 0: count FLOPs and bytes only")
     p.add_argument("--warmup", type=int, default=1, help="untimed-in-the-table warm-up passes (compile/autotune; reported apart)")
     p.add_argument("--batch", type=int, default=1, help="copies of the page per pass (same-size views batched)")
+    p.add_argument("--max-crops", type=int, default=9, help="Gundam tile budget (9: DeepSeek's HF code; 6: its vLLM config)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=_profile)
     e = sub.add_parser("encode", help="images / PDF pages -> vision tokens per page (safetensors), in packed batches")

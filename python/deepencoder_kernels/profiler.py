@@ -506,7 +506,7 @@ def count(views, encoder, dtype: torch.dtype, device: torch.device, batch: int =
 
 def profile(mode: str = "base", image=None, weights: str | None = None, dtype: torch.dtype = torch.bfloat16,
             device: str | None = None, progress: bool = True, encoder=None, repeat: int = 1, warmup: int = 1,
-            batch: int = 1, timing_dtype: torch.dtype | None = None) -> Profile:
+            batch: int = 1, timing_dtype: torch.dtype | None = None, max_crops: int = cfg.GUNDAM_MAX_CROPS) -> Profile:
     """Profile the encoder on ``image`` (default: a rendered document page), ``batch`` copies per pass.
 
     1. Counting pass (:func:`count`): FLOPs and activation bytes per stage in ``dtype``; instant.
@@ -522,7 +522,7 @@ def profile(mode: str = "base", image=None, weights: str | None = None, dtype: t
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     show = _progress_printer(progress)
-    views = preprocess(image if image is not None else render_document_page(), mode)
+    views = preprocess(image if image is not None else render_document_page(), mode, max_crops)
     n_views = 1 + (views.tiles.shape[0] if views.tiles is not None else 0)
 
     show("counting FLOPs and bytes (fake tensors)")
