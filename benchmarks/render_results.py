@@ -56,6 +56,8 @@ def timing_note(p: dict) -> list[str]:
             f"pass(es) ({p['first_pass_seconds']:.1f} s, not included); {p['views_per_second']:.2f} views/s.")
     if p.get("timing_note"):
         text += f" Note: {p['timing_note']}."
+    if p.get("cpus"):
+        text += f" Host load during the timing: 1-minute load average {p['load_average']:.1f} on {p['cpus']} CPUs (shared machine)."
     return [text, ""]
 
 

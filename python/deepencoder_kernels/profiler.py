@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -201,6 +202,8 @@ class Profile:
     first_pass_seconds: float = 0.0          # warm-up pass(es): compile / autotune / first-touch costs
     pass_seconds: list[float] = field(default_factory=list)          # each warm pass, wall, synchronised
     measured_peak_bytes: int = 0             # CUDA: the caching allocator's peak over the warm passes
+    load_average: float = 0.0                # the host's 1-minute load average after the timed passes
+    cpus: int = 0                            # logical CPUs of the host (what the load compares with)
 
     def stage(self, name: str) -> StageRecord:
         return next(s for s in self.stages if s.name == name)
@@ -586,6 +589,8 @@ def profile(mode: str = "base", image=None, weights: str | None = None, dtype: t
             per_stage.setdefault(name, []).append(sec)
     if dev.type == "cuda":
         p.measured_peak_bytes = torch.cuda.max_memory_allocated(dev) - base
+    if hasattr(os, "getloadavg"):    # wall times on a shared host grow with its load: say what it was
+        p.load_average, p.cpus = os.getloadavg()[0], os.cpu_count() or 0
     for s in p.stages:
         times = per_stage.get(s.name, [0.0])
         s.seconds, s.seconds_min, s.seconds_max = statistics.median(times), min(times), max(times)
@@ -637,6 +642,9 @@ def format_report(p: Profile) -> str:
             + ("CUDA events per stage" if p.device == "cuda" else "host clock per stage (CPU ops are synchronous)"))
         if p.timing_note:
             lines.append(f"  note: {p.timing_note}")
+        if p.cpus:
+            lines.append(f"  host load: 1-minute load average {p.load_average:.1f} on {p.cpus} CPUs after the timed passes "
+                         "(wall times grow with other processes' load; FLOPs and bytes do not)")
         if p.warmup:
             one_time = p.first_pass_seconds / p.warmup - med
             lines.append(f"warm-up: {p.first_pass_seconds:.2f}s for {p.warmup} pass(es), {one_time:+.2f}s per pass over the warm median "
