@@ -1,5 +1,5 @@
-"""No host reads in the forward of any op (on its fused and C++ backends) nor of the encoder, single
-view and packed: what a CUDA graph needs (vLLM captures the vision encoder per token budget). A
+"""No host reads in the forward of any op (on its fused and C++ backends), in the fused backwards, nor
+in the encoder's forward, single view and packed: what a CUDA graph needs (vLLM captures the vision encoder per token budget). A
 dispatch mode fails on every op that reads device values to the host or sizes an output by data
 (``_local_scalar_dense`` behind ``.item()``/``int()``/``bool()``, ``nonzero``, ``masked_select``,
 boolean indexing, ``unique``, ...), ``Tensor.tolist``/``.numpy()`` (which bypass dispatch) are
@@ -45,13 +45,12 @@ class NoHostSync(TorchDispatchMode):
             if packet is aten.index and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
                 raise HostSyncError(f"boolean indexing (sized by data): {func}")
         if func.namespace == "deepencoder_kernels":
-            # the package's custom ops: run the implementation the op forwards to (by its backend
-            # argument) under the check too (the mode is off inside its own handler)
-            from deepencoder_kernels.ops._common import impl_of
+            # the package's custom ops (forward, training and backward ops): run their Python
+            # implementation under the check too (the mode is off inside its own handler)
+            from torch._library.custom_ops import _maybe_get_opdef
 
-            assert not kwargs and isinstance(args[-1], str), (func, kwargs)
             with self:
-                return impl_of(func._schema.name.split("::")[1], args[-1])(*args[:-1])
+                return _maybe_get_opdef(func._schema.name)._init_fn(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -174,6 +173,50 @@ def test_varlen_tables_for_max_side_serve_other_grids():
             assert_close(got, ops.varlen_attention(*args, **bias), torch.float32)
 
 
+def backward_without_sync(fn, inputs, *args, **kwargs):
+    """Forward + backward of ``fn`` on the fused backend, after a warm-up, under the check; the
+    gradients equal the warm-up's (same kernels, same inputs)."""
+    grads = []
+    for check in (False, True):
+        for t in inputs:
+            t.grad = None
+        with dk.backend("triton-interpret"), (no_host_sync() if check else contextlib.nullcontext()):
+            out = fn(*args, **kwargs)
+            out.backward(torch.ones_like(out))
+        grads.append([t.grad.clone() for t in inputs])
+    assert [dk.last_backends()[name].backend for name in dk.last_backends()] == ["triton-interpret"]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_rel_pos_attention_backward(window):
+    qkv = torch.randn(1, 9, 9, 3 * 64, requires_grad=True)
+    tables = [torch.randn(2 * (window or 9) - 1, 32, requires_grad=True) for _ in range(2)]
+    dk.clear_last_backends()
+    backward_without_sync(ops.rel_pos_attention, [qkv, *tables], qkv, *tables, 2, window)
+
+
+def test_varlen_attention_backward_with_rel_pos():
+    grids = [(3, 3), (4, 5), (2, 2)]
+    lengths = [h * w for h, w in grids]
+    qkv = torch.randn(sum(lengths), 3, 2, 32, requires_grad=True)
+    tables = [torch.randn(9, 32, requires_grad=True) for _ in range(2)]
+    cu, grid_hw = cu_of(lengths), torch.tensor(grids, dtype=torch.int32)
+    dk.clear_last_backends()
+    backward_without_sync(lambda: ops.varlen_attention(*qkv.unbind(1), cu, 20, rel_pos_h=tables[0], rel_pos_w=tables[1],
+                                                       grid_hw=grid_hw, check_values=False, max_side=5), [qkv, *tables])
+
+
+def test_compress_backward():
+    x = torch.randn(1, 7, 9, 24, requires_grad=True)
+    ws = [torch.randn(16, 24, 1, 1), torch.ones(16), torch.zeros(16), torch.randn(16, 16, 3, 3), torch.ones(16),
+          torch.zeros(16), torch.randn(32, 16, 3, 3), torch.randn(64, 32, 3, 3)]
+    ws = [w.requires_grad_(True) for w in ws]
+    dk.clear_last_backends()
+    backward_without_sync(ops.compress, [x, *ws], x, *ws, eps=1e-6)
+
+
 @pytest.mark.xfail(strict=True, raises=HostSyncError, reason="saccade_gather sizes its output by sum(k), a device value "
                    "read to the host: not capturable as it stands (a host total for a host-int k would make it so)")
 def test_saccade_gather_cpp():
@@ -243,3 +286,12 @@ def test_value_checks_read_and_say_so():
     q = torch.randn(12, 2, 32)
     with pytest.raises(HostSyncError), dk.backend("triton-interpret"), no_host_sync():
         ops.varlen_attention(q, q, q, cu_of(lengths), 7)
+
+
+def test_planted_read_in_a_backward_is_caught():
+    """The check covers the autograd engine's backward pass (the backward kernels' launchers included)."""
+    x = torch.randn(3, requires_grad=True)
+    y = (x * 2).sum()
+    x.register_hook(lambda g: g + g.sum().item())
+    with pytest.raises(HostSyncError, match="_local_scalar_dense"), no_host_sync():
+        y.backward()
