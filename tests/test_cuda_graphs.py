@@ -1,5 +1,5 @@
-"""CUDA-graph capture and replay (`pytest -m gpu`): every op on its fused CUDA backend, the packed
-encoder and an accelerate()d model are captured with ``torch.cuda.graph`` after a warm-up (Triton's
+"""CUDA-graph capture and replay (`pytest -m gpu`): every op on its fused CUDA backend (forward, and a
+training step through the fused backward), the packed encoder and an accelerate()d model are captured with ``torch.cuda.graph`` after a warm-up (Triton's
 JIT, the tables resized per parameter and the batch's packing are made there), replayed, and the
 replay equals eager on the same inputs; then new values are copied into the captured inputs (other
 pixels; for the varlen op other lengths and grids of the same shapes and bounds) and the replay equals
@@ -29,10 +29,10 @@ def capture(fn):
     return graph, out
 
 
-def replay_equals_eager(fn, inputs, refill, dtype):
+def replay_equals_eager(fn, inputs, refill, dtype, grad=False):
     """Capture ``fn()`` (reading ``inputs``), replay, compare with eager; ``refill()`` writes new values into
     ``inputs`` in place; replay again and compare with eager on the new values."""
-    with torch.no_grad(), dk.backend("triton"):
+    with torch.set_grad_enabled(grad), dk.backend("triton"):
         graph, out = capture(fn)
         for round_ in range(2):
             graph.replay()
@@ -156,3 +156,47 @@ def test_accelerated_model():
     dk.accelerate(model)
     pixels = torch.randn(2, 3, 128, 128, device="cuda")
     replay_equals_eager(lambda: model(pixels), [pixels], refill_randn(pixels), torch.float32)
+
+
+def training_step(fn, leaves):
+    """Forward + backward (the fused backward kernels); returns the leaves' gradients (made anew each call,
+    so a captured step owns its gradient tensors)."""
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out) * 0.1)
+        return [t.grad for t in leaves]
+    return step
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [14, 0])
+def test_rel_pos_attention_training_step(window, dtype):
+    qkv = (torch.randn(2, 40, 40, 3 * 768, device="cuda") * 0.5).to(dtype).requires_grad_(True)
+    th, tw = ((torch.randn(2 * (window or 40) - 1, 64, device="cuda") * 0.3).to(dtype).requires_grad_(True) for _ in range(2))
+    step = training_step(lambda: ops.rel_pos_attention(qkv, th, tw, 12, window), [qkv, th, tw])
+    replay_equals_eager(step, [qkv], lambda: qkv.data.copy_(torch.randn_like(qkv) * 0.5), dtype, grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_varlen_attention_training_step_with_rel_pos(dtype):
+    grids = [(32, 32), (40, 40), (16, 16)]
+    total = sum(h * w for h, w in grids)
+    qkv = (torch.randn(total, 3, 12, 64, device="cuda") * 0.5).to(dtype).requires_grad_(True)
+    cu = torch.tensor([0, *torch.tensor([h * w for h, w in grids]).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    grid_hw = torch.tensor(grids, dtype=torch.int32, device="cuda")
+    th, tw = ((torch.randn(127, 64, device="cuda") * 0.3).to(dtype).requires_grad_(True) for _ in range(2))
+    step = training_step(lambda: ops.varlen_attention(*qkv.unbind(1), cu, 1600, rel_pos_h=th, rel_pos_w=tw, grid_hw=grid_hw,
+                                                      check_values=False, max_side=40), [qkv, th, tw])
+    replay_equals_eager(step, [qkv], lambda: qkv.data.copy_(torch.randn_like(qkv) * 0.5), dtype, grad=True)
+
+
+def test_compress_training_step():
+    x = torch.randn(2, 40, 40, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ws = [torch.randn(256, 768, 1, 1) / 768 ** 0.5, 1 + 0.1 * torch.randn(256), 0.1 * torch.randn(256),
+          torch.randn(256, 256, 3, 3) / 48, 1 + 0.1 * torch.randn(256), 0.1 * torch.randn(256),
+          torch.randn(512, 256, 3, 3) / 48, torch.randn(1024, 512, 3, 3) / 68]
+    ws = [w.to("cuda", torch.bfloat16).requires_grad_(True) for w in ws]
+    step = training_step(lambda: ops.compress(x, *ws, eps=1e-6), [x, *ws])
+    replay_equals_eager(step, [x], lambda: x.data.copy_(torch.randn_like(x)), torch.bfloat16, grad=True)
