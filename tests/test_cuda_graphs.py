@@ -126,7 +126,7 @@ def test_varlen_without_max_side_is_refused_while_capturing():
             ops.varlen_attention(q, q, q, cu, 16, rel_pos_h=t, rel_pos_w=t, grid_hw=grid)
 
 
-@pytest.mark.parametrize("full_size", [False, True], ids=["small", "full-size-bf16"])
+@pytest.mark.parametrize("full_size", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["small", "full-size-bf16"])
 def test_packed_encoder(full_size):
     """A mixed batch (Tiny, Small and Base globals, two Small tiles; small model: 128 / 192 px views),
     captured whole: windowed groups, packed global blocks, packed CLIP, projector, layout."""

@@ -72,6 +72,7 @@ def test_single_view_encoder_compiles_fullgraph(device, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow   # minutes of inductor: `-m "gpu and not slow"` leaves it out
 @pytest.mark.parametrize("dtype", [torch.bfloat16])   # one dtype: each full-size inductor compile takes minutes
 def test_real_encoder_compiles_fullgraph_on_cuda(dtype):
     """The full-size encoder (seeded random weights), Base view and a packed Tiny + Small + Base

@@ -120,6 +120,7 @@ def test_full_size_packed_equals_alone_on_the_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_full_size_packed_mixed_modes_on_cuda(dtype):
     """The real DeepEncoder (seeded random weights) on CUDA, compiled Triton: one packed batch of every
