@@ -44,7 +44,7 @@ def rel_pos_attention_config(window_size: int, seq_h: int, seq_w: int, device=No
 # the gather: q.R tables and their gradients, [BLOCK_M, LP] fp32 each, on chip), "dkv" programs own
 # a key tile (dk, dv; q.R recomputed per q tile).
 REL_POS_ATTENTION_BWD = {
-    "windowed": (dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
+    "windowed": (dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
                  dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
     "global": (dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
                dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),

@@ -46,13 +46,18 @@ def _rel_pos_attention_bwd_dq_kernel(
     stride_ob, stride_oh, stride_ow,    # out and dout (same layout)
     stride_gb, stride_gh, stride_gw,    # dqkv
     H, W, SEQ_H, SEQ_W, windows_w, windows_per_image,
-    num_heads, num_m_tiles, sm_scale,
+    num_heads, num_m_tiles, program_offset, sm_scale,
     C: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOWED: tl.constexpr, HAS_PAD: tl.constexpr,
     IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
     LK_H: tl.constexpr, LK_W: tl.constexpr,     # key rows / columns of a sequence, padded to a power of two
 ):
-    pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
+    # the launcher runs the (q tile, sequence, head) programs in slices of at most DQ_PROGRAMS,
+    # program_offset apart, so the per-program table partials stay bounded at any batch
+    pid = tl.program_id(0) + program_offset
+    pid_m = pid % num_m_tiles
+    seq = pid // num_m_tiles // num_heads
+    head = pid // num_m_tiles % num_heads
     b, origin_y, origin_x = _sequence_origin(seq, SEQ_H, SEQ_W, windows_w, windows_per_image, WINDOWED)
     n_tokens = SEQ_H * SEQ_W
     d = tl.arange(0, HEAD_DIM)
@@ -103,7 +108,7 @@ def _rel_pos_attention_bwd_dq_kernel(
 
     # ---- the bias gradient through the gather, then through q.R ----------------------------------
     dq = dq * sm_scale
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)   # the partial's slot within this launch
     dq = through_rel_pos_table(dq, t_h, q, ty, SEQ_H, table_h_ptr, dtable_h_ptr + pid * (2 * SEQ_H - 1) * HEAD_DIM, d,
                                LK_H, LP_H, HEAD_DIM, precision)
     dq = through_rel_pos_table(dq, t_w, q, tx, SEQ_W, table_w_ptr, dtable_w_ptr + pid * (2 * SEQ_W - 1) * HEAD_DIM, d,
@@ -195,9 +200,15 @@ def launch_args(qkv_shape, num_heads: int, window_size: int):
     n = geo["seq_h"] * geo["seq_w"]
     num_m_tiles, num_n_tiles = triton.cdiv(n, dq_cfg["BLOCK_M"]), triton.cdiv(n, dkv_cfg["BLOCK_N"])
     programs = geo["num_seqs"] * num_heads
+    dq_programs = num_m_tiles * programs
     return dict(geo, config_name=name, dq_config=dq_cfg, dkv_config=dkv_cfg, num_m_tiles=num_m_tiles,
-                num_n_tiles=num_n_tiles, dq_grid=launch_grid(num_m_tiles * programs),
+                num_n_tiles=num_n_tiles, dq_programs=dq_programs, dq_grid=launch_grid(min(dq_programs, DQ_PROGRAMS)),
                 dkv_grid=launch_grid(num_n_tiles * programs))
+
+
+# dq programs per launch: about 8 per SM on an H100, enough to fill it; bounds the table-gradient
+# partials (one [2 S - 1, d] fp32 block per program of a launch) whatever the batch
+DQ_PROGRAMS = 1024
 
 
 def rel_pos_attention_bwd(dout, qkv, table_h, table_w, num_heads: int, window_size: int, pad_kv, out, lse,
@@ -229,14 +240,19 @@ def rel_pos_attention_bwd(dout, qkv, table_h, table_w, num_heads: int, window_si
                dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
     sizes = (H, W, seq_h, seq_w, geo["windows_w"], geo["windows_per_image"], num_heads)
     dq_kernel, dkv_kernel = kernels_for(interpret)
-    dq_kernel[geo["dq_grid"]](
-        qkv, table_h, table_w, out, dout, lse, delta, dqkv, dtable_h, dtable_w, pad, *strides, *sizes,
-        geo["num_m_tiles"], head_dim ** -0.5, **common, **geo["dq_config"])
+    sum_h = torch.zeros(2 * seq_h - 1, head_dim, device=qkv.device, dtype=torch.float32)
+    sum_w = torch.zeros(2 * seq_w - 1, head_dim, device=qkv.device, dtype=torch.float32)
+    for offset in range(0, geo["dq_programs"], DQ_PROGRAMS):   # slices fixed by shapes: deterministic
+        n = min(DQ_PROGRAMS, geo["dq_programs"] - offset)
+        dq_kernel[launch_grid(n)](
+            qkv, table_h, table_w, out, dout, lse, delta, dqkv, dtable_h, dtable_w, pad, *strides, *sizes,
+            geo["num_m_tiles"], offset, head_dim ** -0.5, **common, **geo["dq_config"])
+        sum_h += dtable_h[:n].sum(0)
+        sum_w += dtable_w[:n].sum(0)
     dkv_kernel[geo["dkv_grid"]](
         qkv, table_h, table_w, dout, lse, delta, dqkv, dpad, pad, *strides, *sizes,
         geo["num_n_tiles"], head_dim ** -0.5, **common, **geo["dkv_config"])
-    # fixed-order sums of the per-program partials (shapes alone decide them: deterministic)
-    dtable_h, dtable_w = dtable_h.sum(0), dtable_w.sum(0)
+    dtable_h, dtable_w = sum_h, sum_w
     if not has_pad:
         return dqkv, dtable_h, dtable_w, None
     dpad = dpad.view(geo["num_seqs"], num_heads, geo["num_n_tiles"], 2, head_dim).sum((0, 2))   # [heads, 2, d]

@@ -26,12 +26,16 @@ def _varlen_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr,
     grid_hw_ptr, tables_h_ptr, tables_w_ptr, table_rows_ptr, dtable_h_ptr, dtable_w_ptr,   # HAS_BIAS only
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,   # out, dout, dq: contiguous [total, heads, d]
-    num_heads, num_m_tiles, sm_scale,
+    num_heads, num_m_tiles, program_offset, sm_scale,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
     LK_H: tl.constexpr, LK_W: tl.constexpr,
 ):
-    pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
+    # with the bias the launcher runs the programs in slices, program_offset apart (bounded partials)
+    pid = tl.program_id(0) + program_offset
+    pid_m = pid % num_m_tiles
+    seq = pid // num_m_tiles // num_heads
+    head = pid // num_m_tiles % num_heads
     start = tl.load(cu_seqlens_ptr + seq)
     n = tl.load(cu_seqlens_ptr + seq + 1) - start
     if pid_m * BLOCK_M >= n:
@@ -86,7 +90,7 @@ def _varlen_attention_bwd_dq_kernel(
             t_w += sum_by_key_coord(ds, kx, valid_n, LK_W, precision)
     dq = dq * sm_scale
     if HAS_BIAS:
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)   # the partial's slot within this launch
         dq = through_rel_pos_table(dq, t_h, q, qy, seq_h, tables_h_ptr + first_h * HEAD_DIM, dtable_h_ptr + pid * LP_H * HEAD_DIM,
                                    d, LK_H, LP_H, HEAD_DIM, precision)
         dq = through_rel_pos_table(dq, t_w, q, qx, seq_w, tables_w_ptr + first_w * HEAD_DIM, dtable_w_ptr + pid * LP_W * HEAD_DIM,
@@ -168,11 +172,16 @@ def varlen_bwd_grids(num_seqs: int, heads: int, max_seqlen: int, dq_cfg: dict, d
     return m, n, launch_grid(m * num_seqs * heads), launch_grid(n * num_seqs * heads)
 
 
+# dq programs per launch with the bias (their table partials are bounded by it; see the SAM backward)
+DQ_PROGRAMS = 1024
+
+
 def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float, bias_tables=None,
-                         interpret: bool = False):
-    """``(dq, dk, dv)`` (contiguous ``[total, heads, d]``) and, with ``bias_tables`` (as the forward
-    took them), the per-program partial table gradients ``(fp32 [programs, LP_H, d], [programs,
-    LP_W, d])`` (zeros where a program had no rows), else ``None``."""
+                         interpret: bool = False, reduce_parts=None):
+    """``(dq, dk, dv)`` (contiguous ``[total, heads, d]``). With ``bias_tables`` (as the forward took
+    them) the dq programs run in slices of at most ``DQ_PROGRAMS``; after each, ``reduce_parts(parts_h,
+    parts_w, first_program)`` takes that slice's per-program partial table gradients (fp32 ``[n, LP,
+    d]``; program ``p`` is (q tile, sequence, head) ``p`` of the 1-D grid, zeros where it had no rows)."""
     total, heads, head_dim = q.shape
     num_seqs = cu_seqlens.shape[0] - 1
     has_bias = bias_tables is not None
@@ -180,12 +189,14 @@ def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, s
     dq_cfg, dkv_cfg = varlen_attention_bwd_config(has_bias, max_h, max_w)
     dq, dk, dv = (torch.empty(total, heads, head_dim, device=q.device, dtype=q.dtype) for _ in range(3))
     m_tiles, n_tiles, dq_grid, dkv_grid = varlen_bwd_grids(max(num_seqs, 0), heads, max(max_seqlen, 1), dq_cfg, dkv_cfg)
+    if total == 0 or max_seqlen == 0 or num_seqs == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    programs = dq_grid[0]
+    slice_size = min(programs, DQ_PROGRAMS) if has_bias else programs
     parts = None
     if has_bias:
-        parts = tuple(torch.zeros(dq_grid[0], lp, head_dim, device=q.device, dtype=torch.float32)
+        parts = tuple(torch.empty(slice_size, lp, head_dim, device=q.device, dtype=torch.float32)
                       for lp in (dq_cfg["LP_H"], dq_cfg["LP_W"]))
-    if total == 0 or max_seqlen == 0 or num_seqs == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), parts
     dout, out = dout.contiguous(), out.contiguous()
     if has_bias:
         grid_hw, tables_h, tables_w, table_rows = (t.contiguous() for t in bias_tables[:4])
@@ -199,8 +210,15 @@ def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, s
     common = dict(HEAD_DIM=head_dim, HAS_BIAS=has_bias, IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST_DOT=upcast)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     dq_kernel, dkv_kernel = kernels_for(interpret)
-    dq_kernel[dq_grid](q, k, v, out, dout, lse, delta, dq, cu_seqlens, grid_hw, tables_h, tables_w, table_rows, *dparts,
-                       *strides, heads, m_tiles, scale, **common, **dq_cfg)
+    for offset in range(0, programs, slice_size):   # slices fixed by shapes
+        n = min(slice_size, programs - offset)
+        if has_bias:
+            for part in parts:
+                part[:n].zero_()   # programs past their sequence's end write nothing
+        dq_kernel[launch_grid(n)](q, k, v, out, dout, lse, delta, dq, cu_seqlens, grid_hw, tables_h, tables_w, table_rows,
+                                  *dparts, *strides, heads, m_tiles, offset, scale, **common, **dq_cfg)
+        if has_bias:
+            reduce_parts(parts[0][:n], parts[1][:n], offset)
     dkv_kernel[dkv_grid](q, k, v, dout, lse, delta, dk, dv, cu_seqlens, grid_hw, tables_h, tables_w, table_rows,
                          *strides, heads, n_tiles, scale, **common, **dkv_cfg)
-    return dq, dk, dv, parts
+    return dq, dk, dv

@@ -175,3 +175,13 @@ def test_opcheck():
                           (torch.randn_like(out), qkv.detach(), th[:3].detach(), tw[:3].detach(), pad.detach(),
                            out.detach(), lse, 1, 2, "triton-interpret"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dq_programs_launch_in_slices(monkeypatch):
+    """Past DQ_PROGRAMS programs the dq kernel launches in slices (bounded table partials, summed
+    in order); forced here at a small size: 7 q tiles x 2 heads in slices of 3."""
+    from deepencoder_kernels.kernels import rel_pos_attention_backward as bwd
+
+    monkeypatch.setattr(bwd, "DQ_PROGRAMS", 3)
+    assert bwd.launch_args((1, 11, 10, 96), 2, 0)["dq_programs"] == 14
+    check(1, 11, 10, 2, 16, 0, torch.float32)

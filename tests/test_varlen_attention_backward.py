@@ -116,3 +116,12 @@ def test_opcheck():
     tables = [torch.cat([ref.resize_rel_pos(bias[n], 2 * s - 1) for s in (1, 2)]).requires_grad_() for n in ("rel_pos_h", "rel_pos_w")]
     torch.library.opcheck(mod._varlen_attention_train_op, (q, k, v, cu, 4, None, *tables, bias["grid_hw"], 2, "triton-interpret"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_dq_programs_launch_in_slices(monkeypatch):
+    """With the bias, past DQ_PROGRAMS programs the dq kernel launches in slices (bounded table
+    partials, reduced per side after each); forced here: 2 sequences x 2 q tiles x 2 heads, slices of 3."""
+    from deepencoder_kernels.kernels import varlen_attention_backward as bwd
+
+    monkeypatch.setattr(bwd, "DQ_PROGRAMS", 3)
+    check([20, 12], 2, 16, torch.float32, grids=[(4, 5), (3, 4)])

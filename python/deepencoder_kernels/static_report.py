@@ -132,6 +132,8 @@ def rel_pos_attention_bwd_signature(kernel: str, dtype: str) -> dict:
     sig.update({name: "i32" for name in ("stride_qb", "stride_qh", "stride_qw", "stride_ob", "stride_oh", "stride_ow",
                                          "stride_gb", "stride_gh", "stride_gw", "H", "W", "SEQ_H", "SEQ_W", "windows_w",
                                          "windows_per_image", "num_heads", "num_m_tiles" if kernel == "dq" else "num_n_tiles")})
+    if kernel == "dq":
+        sig["program_offset"] = "i32"
     sig["sm_scale"] = "fp32"
     return sig
 
@@ -186,6 +188,8 @@ def varlen_attention_bwd_signature(kernel: str, dtype: str) -> dict:
                "cu_seqlens_ptr": i, "grid_hw_ptr": i, "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": i}
     sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                                          "num_heads", "num_m_tiles" if kernel == "dq" else "num_n_tiles")})
+    if kernel == "dq":
+        sig["program_offset"] = "i32"
     sig["sm_scale"] = "fp32"
     return sig
 

@@ -204,20 +204,6 @@ def _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, gri
                                 interpret=interpret, with_lse=True)
 
 
-def _packed_table_grad(parts, grid, axis: int, num_seqs: int, max_side: int):
-    """Per-program partial table gradients -> the packed table's gradient (side ``s`` at row
-    ``(s - 1)^2``), summed in a fixed order: programs per sequence, then sequences per side as one
-    matmul with a 0/1 membership matrix (no atomics, shapes alone size everything)."""
-    programs, lp, d = parts.shape
-    per_seq = parts.view(num_seqs, programs // max(num_seqs, 1), lp * d).sum(1)
-    sides = torch.arange(1, max_side + 1, device=parts.device, dtype=grid.dtype)
-    member = (grid[:, axis][None, :] == sides[:, None]).to(parts.dtype)          # [max_side, num_seqs]
-    per_side = (member @ per_seq).view(max_side * lp, d)
-    packed_row = torch.arange(max_side * max_side, device=parts.device)   # side s + 1 starts at row s^2
-    s = packed_row.double().sqrt().floor().long()
-    return per_side[s * lp + packed_row - s * s]
-
-
 def _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
                     interpret: bool):
     from deepencoder_kernels.kernels.varlen_attention_backward import varlen_attention_bwd
@@ -225,14 +211,43 @@ def _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tabl
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = _train_bias(tables_h, tables_w, grid_hw, max_side)
-    dq, dk, dv, parts = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias, interpret=interpret)
-    if tables_h is None:
-        return dq, dk, dv, *(q.new_zeros(0, q.shape[-1], dtype=torch.float32) for _ in range(2))
-    if bias is None:   # no sequences
+    if bias is None:
+        dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, None, interpret=interpret)
+        if tables_h is None:
+            return dq, dk, dv, *(q.new_zeros(0, q.shape[-1], dtype=torch.float32) for _ in range(2))
         return dq, dk, dv, torch.zeros_like(tables_h, dtype=torch.float32), torch.zeros_like(tables_w, dtype=torch.float32)
-    num_seqs = cu_seqlens.shape[0] - 1
-    return (dq, dk, dv, _packed_table_grad(parts[0], bias[0], 0, num_seqs, max_side),
-            _packed_table_grad(parts[1], bias[0], 1, num_seqs, max_side))
+    # Each slice of dq programs leaves per-program partial table gradients; they are summed per side
+    # (program -> sequence -> its grid side) as a matmul with a 0/1 membership matrix: a fixed order,
+    # no atomics, sizes from shapes alone.
+    heads, d = q.shape[1], q.shape[2]
+    sides = torch.arange(1, max_side + 1, device=q.device, dtype=grid_hw.dtype)
+    per_side = [None, None]
+    programs_per_seq = -(-max_seqlen // varlen_bwd_block_m(max_side)) * heads
+
+    def reduce_parts(parts_h, parts_w, first):
+        seq = torch.arange(first, first + parts_h.shape[0], device=q.device) // programs_per_seq
+        for axis, parts in enumerate((parts_h, parts_w)):
+            member = (bias[0][seq, axis][None, :] == sides[:, None]).to(parts.dtype)   # [max_side, programs]
+            total = member @ parts.reshape(parts.shape[0], -1)
+            per_side[axis] = total if per_side[axis] is None else per_side[axis] + total
+
+    dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias, interpret=interpret,
+                                      reduce_parts=reduce_parts)
+    if per_side[0] is None:   # nothing launched (no tokens)
+        return dq, dk, dv, torch.zeros_like(tables_h, dtype=torch.float32), torch.zeros_like(tables_w, dtype=torch.float32)
+    packed_row = torch.arange(max_side * max_side, device=q.device)   # side s + 1 starts at row s^2
+    s = packed_row.double().sqrt().floor().long()
+    grads = []
+    for axis in (0, 1):
+        lp = per_side[axis].shape[1] // d
+        grads.append(per_side[axis].view(max_side * lp, d)[s * lp + packed_row - s * s])
+    return dq, dk, dv, grads[0], grads[1]
+
+
+def varlen_bwd_block_m(max_side: int) -> int:
+    from deepencoder_kernels.kernels.configs import varlen_attention_bwd_config
+
+    return varlen_attention_bwd_config(True, max_side, max_side)[0]["BLOCK_M"]
 
 
 _TRAIN = {"triton": (functools.partial(_fused_train, interpret=False), functools.partial(_fused_backward, interpret=False)),
