@@ -8,6 +8,12 @@ Triton kernel allocates nothing of its own (it keeps q.R and the scores on chip)
 allocations are the fused path's. A test checks that equals a real interpreted run.
 
     python benchmarks/bench_memory.py            # writes benchmarks/results/attention_memory_<device>.json
+                                                 # and attention_training_memory_<device>.json
+
+Training (the second file): what autograd keeps from the forward for the backward (unique storages,
+the op's own inputs qkv / tables / pad_kv not counted: every path keeps those), reference vs fused,
+and the fused backward launcher's own allocations (gradient output, row deltas, per-program table
+and pad_kv partials), both measured the same way (launches stubbed on a CPU machine).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ if not torch.cuda.is_available():  # the fused launcher in interpreter mode (set
 
 import deepencoder_kernels as dk  # noqa: E402
 from deepencoder_kernels.kernels import rel_pos_attention as attention_kernel  # noqa: E402
+from deepencoder_kernels.kernels import rel_pos_attention_backward as attention_bwd_kernel  # noqa: E402
 from deepencoder_kernels.profiler import MemoryTracker, stubbed_launches  # noqa: E402
 from common import MODES, attention_inputs, write_result  # noqa: E402
 
@@ -58,6 +65,64 @@ def measure_fused_launcher(args):
     return t.peak, out_bytes
 
 
+def saved_for_backward(fn, inputs) -> int:
+    """Bytes of the unique storages autograd saves while ``fn`` runs, ``inputs``' own storages excluded."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    inputs_ = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    return sum(n for ptr, n in storages.items() if ptr not in inputs_), out
+
+
+def training_row(mode, block, args):
+    qkv, th, tw, heads, window, pad = args
+    leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    ref_saved, out = saved_for_backward(lambda: dk.reference.rel_pos_attention(*leaves), leaves)
+    del out
+    with dk.backend("triton-interpret"), stubbed_launches(attention_kernel):
+        fused_saved, out = saved_for_backward(lambda: dk.ops.rel_pos_attention(*leaves), leaves)
+    assert dk.last_backends()["rel_pos_attention"].backend == "triton-interpret"
+    side_h, side_w = (window, window) if window else qkv.shape[1:3]
+    tables = [dk.reference.resize_rel_pos(t, 2 * s - 1) for t, s in ((th, side_h), (tw, side_w))]
+    with stubbed_launches(attention_kernel):
+        out, lse = attention_kernel.rel_pos_attention_fwd(qkv, *tables, heads, window, pad, interpret=True, with_lse=True)
+    original = attention_bwd_kernel.kernels_for
+    attention_bwd_kernel.kernels_for = lambda interpret: (_NoLaunch(), _NoLaunch())
+    try:
+        with torch.inference_mode(), MemoryTracker() as t:
+            grads = attention_bwd_kernel.rel_pos_attention_bwd(torch.empty_like(out), qkv, *tables, heads, window, pad,
+                                                               out, lse, interpret=True)
+            grad_bytes = grads[0].numel() * grads[0].element_size()
+            del grads
+    finally:
+        attention_bwd_kernel.kernels_for = original
+    return dict(mode=mode, block=block, reference_saved_bytes=ref_saved, fused_saved_bytes=fused_saved,
+                fused_backward_peak_bytes=t.peak, dqkv_bytes=grad_bytes)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def main_training() -> None:
+    rows = []
+    print(f"{'mode':<7}{'block':<10}{'ref saved MiB':>15}{'fused saved MiB':>17}{'fused bwd peak MiB':>20}{'dqkv MiB':>10}")
+    for mode in MODES:
+        for block in ("windowed", "global"):
+            r = training_row(mode, block, attention_inputs(mode, block))
+            rows.append(r)
+            print(f"{mode:<7}{block:<10}{r['reference_saved_bytes'] / MiB:>15.1f}{r['fused_saved_bytes'] / MiB:>17.1f}"
+                  f"{r['fused_backward_peak_bytes'] / MiB:>20.1f}{r['dqkv_bytes'] / MiB:>10.1f}")
+    print("wrote", write_result("attention_training_memory_cpu", rows))
+
+
 def main() -> int:
     cuda = torch.cuda.is_available()
     rows = []
@@ -77,6 +142,8 @@ def main() -> int:
             print(f"{mode:<7}{block:<10}{ref_peak / MiB:>14.1f}{ref_total / MiB:>15.1f}{fp}{out_bytes / MiB:>12.1f}")
     tag = "cuda" if cuda else "cpu"
     print("wrote", write_result(f"attention_memory_{tag}", rows))
+    if not cuda:
+        main_training()
     return 0
 
 

@@ -85,6 +85,20 @@ def memory_section(path: Path) -> list[str]:
     return out + table("mode|block|reference peak MiB>|reference allocated MiB>|fused peak MiB>|output MiB>", rows)
 
 
+def training_memory_section(path: Path) -> list[str]:
+    m = json.loads(path.read_text())
+    out = [f"**SAM attention, training step** (bf16, batch 1, {m['device']}, {m['date']}): `cd benchmarks && python "
+           "bench_memory.py`. Saved for backward: the unique storages autograd keeps from the forward "
+           "(`saved_tensors_hooks`), the op's inputs (qkv, tables, pad_kv) not counted; reference = upstream's "
+           "dense-bias path through torch's CPU SDPA; fused = output + fp32 row logsumexp. Fused backward peak: "
+           "what the backward launcher allocates (dqkv, row deltas, table/pad_kv partials, bounded by shapes), "
+           "launches stubbed as above.", ""]
+    rows = [[r["mode"], r["block"], f"{r['reference_saved_bytes'] / MiB:.1f}", f"{r['fused_saved_bytes'] / MiB:.1f}",
+             f"{r['reference_saved_bytes'] / r['fused_saved_bytes']:.0f}x", f"{r['fused_backward_peak_bytes'] / MiB:.1f}",
+             f"{r['dqkv_bytes'] / MiB:.1f}"] for r in m["rows"]]
+    return out + table("mode|block|reference saved MiB>|fused saved MiB>|less>|fused backward peak MiB>|dqkv MiB>", rows)
+
+
 def saccade_section(path: Path) -> list[str]:
     m = json.loads(path.read_text())
     out = [f"**Saccade gather, C++ op vs torch** (scores fp32, features bf16, {m['device']}, {m['date']}, "
@@ -186,6 +200,8 @@ def main() -> None:
             parts += modes_section(profiles) + [""]
     for path in sorted(RESULTS.glob("attention_memory_*.json")):
         parts += memory_section(path) + [""]
+    for path in sorted(RESULTS.glob("attention_training_memory_*.json")):
+        parts += training_memory_section(path) + [""]
     for path in sorted(RESULTS.glob("compress_c*.json")):
         parts += compress_section(path) + [""]
     if (RESULTS / "packing.json").exists():
