@@ -65,11 +65,6 @@ def fused_backend(device) -> str:
     return "triton" if torch.device(device).type == "cuda" else "triton-interpret"
 
 
-def cuda_sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
