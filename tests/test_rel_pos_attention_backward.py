@@ -185,3 +185,29 @@ def test_dq_programs_launch_in_slices(monkeypatch):
     monkeypatch.setattr(bwd, "DQ_PROGRAMS", 3)
     assert bwd.launch_args((1, 11, 10, 96), 2, 0)["dq_programs"] == 14
     check(1, 11, 10, 2, 16, 0, torch.float32)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_stubbed_backward_launch_allocates_what_a_real_run_allocates(window):
+    """bench_memory measures the fused backward's allocations at full size with its launches
+    stubbed; at a small shape that equals a real interpreted run (Triton kernels allocate nothing)."""
+    from deepencoder_kernels.kernels import rel_pos_attention_backward as bwd
+    from deepencoder_kernels.kernels.rel_pos_attention import rel_pos_attention_fwd
+    from deepencoder_kernels.profiler import MemoryTracker
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    qkv, th, tw, pad = make_inputs(1, 9, 9, 2, 16, window, torch.float32)
+    out, lse = rel_pos_attention_fwd(qkv, th, tw, 2, window, pad, interpret=True, with_lse=True)
+    figures = []
+    for stub in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            if stub:
+                mp.setattr(bwd, "kernels_for", lambda interpret: (NoLaunch(), NoLaunch()))
+            with torch.inference_mode(), MemoryTracker() as t:
+                grads = bwd.rel_pos_attention_bwd(torch.ones_like(out), qkv, th, tw, 2, window, pad, out, lse, interpret=True)
+                del grads
+        figures.append((t.peak, t.total))
+    assert figures[0] == figures[1]

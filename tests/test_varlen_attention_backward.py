@@ -125,3 +125,8 @@ def test_dq_programs_launch_in_slices(monkeypatch):
 
     monkeypatch.setattr(bwd, "DQ_PROGRAMS", 3)
     check([20, 12], 2, 16, torch.float32, grids=[(4, 5), (3, 4)])
+
+
+def test_clip_full_width():
+    """CLIP's width (16 heads of 64) on two short packed sequences."""
+    check([10, 5], 16, 64, torch.bfloat16)
