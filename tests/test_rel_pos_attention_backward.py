@@ -211,3 +211,29 @@ def test_stubbed_backward_launch_allocates_what_a_real_run_allocates(window):
                 del grads
         figures.append((t.peak, t.total))
     assert figures[0] == figures[1]
+
+
+def test_accelerated_model_trains_on_the_fused_attention():
+    """accelerate()d upstream-structured DeepEncoder code: the parameters' gradients through the
+    fused attention backwards (SAM blocks, CLIP attentions) equal plain autograd through upstream's code."""
+    import copy
+
+    from upstream import UpstreamDeepEncoder
+
+    torch.manual_seed(0)
+    model = UpstreamDeepEncoder()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5 if ("rel_pos" in name or "pos" in name or "class" in name or "bias" in name) else 0.2)
+    fused = copy.deepcopy(model)
+    dk.accelerate(fused)
+    pixels = torch.randn(1, 3, 128, 128)
+    model(pixels).square().mean().backward()
+    with dk.backend("triton-interpret"):
+        fused(pixels).square().mean().backward()
+    used = dk.last_backends()
+    assert used["rel_pos_attention"].backend == used["varlen_attention"].backend == "triton-interpret"
+    for (name, p), (_, q) in zip(model.named_parameters(), fused.named_parameters()):
+        assert q.grad is not None, name
+        scale = max(1e-3, p.grad.abs().max().item())
+        assert_close(q.grad / scale, p.grad / scale, torch.float32, msg=name)
