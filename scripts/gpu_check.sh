@@ -137,7 +137,7 @@ if [ "$DRY" = 1 ]; then
     "$PY" scripts/saccade_driver.py --device cpu
 else
   for tool in memcheck racecheck; do
-    step "sanitizer-$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" scripts/saccade_driver.py
+    step "sanitizer-$tool" "$(limit 240 90)" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" scripts/saccade_driver.py
   done
 fi
 
@@ -157,7 +157,7 @@ if [ "$DRY" = 1 ]; then   # reduced: the smallest mode through the same profiler
   NOTE="dry run: mode tiny" step profile 300 "$PY" -m deepencoder_kernels profile --mode tiny --quiet \
     --json "$RESULTS/profile_tiny_cpu.json"
 else
-  step profile-base 300 "$PY" -m deepencoder_kernels profile --mode base --quiet --json "$RESULTS/profile_base_$TAG.json"
+  step profile-base "$(limit 300 90)" "$PY" -m deepencoder_kernels profile --mode base --quiet --json "$RESULTS/profile_base_$TAG.json"
 fi
 if [ "$DRY" = 1 ]; then
   step benchmarks 300 env DEEPENCODER_KERNELS_RESULTS="$RESULTS" "$PY" benchmarks/run_all.py --dry-run --no-render
