@@ -69,8 +69,10 @@ def modes_section(paths: list[Path]) -> list[str]:
            f"{profiles[0]['date']}): `deepencoder-kernels profile --mode <mode>` (all of them: `python benchmarks/run_all.py`)", ""]
     rows = [[p["mode"], p["views"], p["output_tokens"], f"{p['sam_trunk_flops'] / 1e9:.1f}", f"{p['total_flops'] / 1e9:.1f}",
              f"{p['peak_bytes'] / MiB:.0f}", f"{p.get('seconds', sum(s['seconds'] for s in p['stages'])):.1f}",
-             p.get("timing_dtype", p["dtype"]), f"{p.get('views_per_second', 0):.2f}"] for p in profiles]
-    return out + table("mode|views>|tokens>|SAM trunk GFLOPs>|total GFLOPs>|peak activation MiB>|warm pass s>|timed in|views/s>", rows)
+             p.get("timing_dtype", p["dtype"]), f"{p.get('views_per_second', 0):.2f}", f"{p.get('load_average', 0):.1f}"]
+            for p in profiles]
+    return out + table("mode|views>|tokens>|SAM trunk GFLOPs>|total GFLOPs>|peak activation MiB>|warm pass s>|timed in|views/s>|"
+                       "host load (1 min)>", rows)
 
 
 def memory_section(path: Path) -> list[str]:
