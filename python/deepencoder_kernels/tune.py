@@ -136,7 +136,8 @@ def _varlen_case(s: Setup, kind: str, batch: int) -> Case:
     def fused(q, k, v, cu, max_seqlen, th, tw, grid_hw):
         from . import ops
 
-        return ops.varlen_attention(q, k, v, cu, max_seqlen, rel_pos_h=th, rel_pos_w=tw, grid_hw=grid_hw)
+        return ops.varlen_attention(q, k, v, cu, max_seqlen, rel_pos_h=th, rel_pos_w=tw, grid_hw=grid_hw,
+                                    max_side=None if grids is None else max(max(hw) for hw in grids))
 
     def oracle(q, k, v, cu, max_seqlen, th, tw, grid_hw):
         f = lambda t: None if t is None else t.float()  # noqa: E731
