@@ -96,7 +96,7 @@ def _fused_allocations(rnd) -> dict:
     out["compress/triton/16x16"] = _allocated(lambda: compress._fused(x, *neck, 1e-6, interpret=True))
     cu = torch.tensor([0, 5, 69, 70], dtype=torch.int32)
     q = rnd(70, 2, 32)
-    out["varlen_attention/triton/mixed"] = _allocated(lambda: varlen._fused(q, q, q, cu, 64, None, None, None, None, interpret=True))
+    out["varlen_attention/triton/mixed"] = _allocated(lambda: varlen._fused(q, q, q, cu, 64, None, None, None, None, 0, interpret=True))
     return out
 
 
