@@ -8,13 +8,18 @@ Counted and measured on any machine:
   - peak and total activation bytes allocated (``MemoryTracker``). Without a GPU the fused launcher
     runs in Triton's interpreter, which allocates nothing through torch, so what is measured is
     exactly what the launcher allocates on a GPU.
+  - a training step (forward + backward, gradients of x and every parameter): what is kept for the
+    backward, peak and total bytes; the fused path through its launchers (stubbed Triton launches on
+    a CPU machine: the interpreter would need hours at full size).
 On a CUDA machine it also times, bf16, batch 1 and 32: the PyTorch chain in NCHW, in channels-last,
-under torch.compile, and the fused kernels. Elsewhere that part is skipped, saying why.
+under torch.compile, and the fused kernels; and forward + backward, reference autograd vs fused.
+Elsewhere that part is skipped, saying why.
 
     cd benchmarks && python bench_compress.py     # writes results/compress_<device>.json
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -26,9 +31,10 @@ if not torch.cuda.is_available():  # the fused launcher runs in Triton's interpr
 
 import deepencoder_kernels as dk  # noqa: E402
 from deepencoder_kernels import config as cfg  # noqa: E402
-from deepencoder_kernels.kernels.compress import record_launches  # noqa: E402
+from deepencoder_kernels.kernels import compress as compress_kernel  # noqa: E402
+from deepencoder_kernels.kernels.compress import compress_bwd, compress_fwd, record_launches  # noqa: E402
 compress_op = importlib.import_module("deepencoder_kernels.ops.compress")  # the module (ops.compress is the function)
-from deepencoder_kernels.profiler import MemoryTracker, TrafficCounter  # noqa: E402
+from deepencoder_kernels.profiler import MemoryTracker, TrafficCounter, stubbed_launches  # noqa: E402
 from common import MODES, GpuRun, write_result  # noqa: E402
 
 
@@ -58,6 +64,44 @@ def measure_fused(args, interpret: bool):
                 peak=memory.peak, allocated=memory.total)
 
 
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_reference_training(args):
+    """Forward + backward through autograd on the reference chain: what autograd keeps for backward
+    (live after the forward, less the output), the step's peak and total allocation (gradients of x
+    and the parameters included, as in the fused row)."""
+    leaves = [a.detach().requires_grad_() for a in args]
+    with torch.no_grad():
+        grad = torch.ones_like(dk.reference.compress(*args, eps=1e-6))
+    with MemoryTracker() as memory:
+        out = dk.reference.compress(*leaves, eps=1e-6)
+        saved = memory.live - _nbytes(out)
+        grads = torch.autograd.grad(out, leaves, grad)
+        del out, grads
+    return dict(saved=saved, peak=memory.peak, allocated=memory.total)
+
+
+def measure_fused_training(args, interpret: bool):
+    """The same step on the fused path: the launchers the training custom ops run (their allocations
+    are inside the ops, out of a dispatch mode's sight when called through them). On a CPU machine the
+    Triton launches are stubbed (the interpreter needs hours for a full-size backward; a kernel
+    allocates nothing of its own, so the launchers' allocations are the path's)."""
+    x, *w = args
+    kw = (compress_op.kkio(w[0]), w[1], w[2], compress_op.kkio(w[3]), w[4], w[5], compress_op.kkio(w[6]),
+          compress_op.kkio(w[7]))                         # once per parameter: not counted
+    with torch.no_grad():
+        grad = torch.ones_like(dk.reference.compress(*args, eps=1e-6))
+    stub = stubbed_launches(compress_kernel) if interpret else contextlib.nullcontext()
+    with torch.no_grad(), stub, MemoryTracker() as memory:
+        tokens, *saved = compress_fwd(x, *kw, 1e-6, interpret=interpret, train=True)
+        saved_bytes = memory.live - _nbytes(tokens)
+        grads = compress_bwd(grad, x, *kw, *saved, interpret=interpret)
+        del tokens, saved, grads
+    return dict(saved=saved_bytes, peak=memory.peak, allocated=memory.total)
+
+
 def gpu_rows(run: GpuRun = GpuRun(), modes=tuple(MODES), batches=(1, 32)) -> list[dict]:
     import torch.nn.functional as F
 
@@ -85,11 +129,24 @@ def gpu_rows(run: GpuRun = GpuRun(), modes=tuple(MODES), batches=(1, 32)) -> lis
                 with dk.backend(run.fused):
                     return dk.ops.compress(x, *w, eps=1e-6)
 
+            leaves = [t.detach().requires_grad_() for t in args]
+            with torch.no_grad():
+                grad = torch.ones_like(nchw())
+
+            def train_reference(leaves=leaves, grad=grad):   # forward + backward, autograd through the chain
+                return torch.autograd.grad(dk.reference.compress(*leaves, eps=1e-6), leaves, grad)
+
+            def train_fused(leaves=leaves, grad=grad):       # forward + backward on the fused kernels
+                with dk.backend(run.fused):
+                    out = dk.ops.compress(*leaves, eps=1e-6)
+                return torch.autograd.grad(out, leaves, grad)
+
             for name, fn in (("PyTorch NCHW", nchw), ("PyTorch channels-last", channels_last),
-                             ("torch.compile", compiled), ("fused (this package)", fused)):
+                             ("torch.compile", compiled), ("fused (this package)", fused),
+                             ("fwd+bwd PyTorch NCHW", train_reference), ("fwd+bwd fused (this package)", train_fused)):
                 ms = run.timer(fn)
                 rows.append(dict(mode=mode, batch=batch, impl=name, ms=ms))
-                print(f"{mode:<6}{batch:>4} {name:<24}{ms:8.3f} ms")
+                print(f"{mode:<6}{batch:>4} {name:<28}{ms:8.3f} ms")
     return rows
 
 
@@ -102,10 +159,15 @@ def main() -> int:
         args = inputs(mode, device="cuda" if cuda else "cpu")
         ref, fused = measure_reference(args), measure_fused(args, interpret=not cuda)
         flops = compress_op.flops(args[0].shape, args[1].shape, args[7].shape, args[8].shape)
-        rows.append(dict(mode=mode, flops=flops, reference=ref, fused=fused))
+        training = dict(reference=measure_reference_training(args), fused=measure_fused_training(args, interpret=not cuda),
+                        fused_launches="real" if cuda else "stubbed")
+        rows.append(dict(mode=mode, flops=flops, reference=ref, fused=fused, training=training))
         MiB = 2**20
         print(f"{mode:<7}{flops / 1e9:>8.2f} | {ref['passes']:>10}{ref['bytes'] / MiB:>14.1f}{ref['peak'] / MiB:>13.1f} | "
               f"{fused['passes']:>12}{fused['bytes'] / MiB:>16.1f}{fused['peak'] / MiB:>15.1f}")
+        t_ref, t_fused = training["reference"], training["fused"]
+        print(f"{'':7}training step: saved for backward {t_ref['saved'] / MiB:.1f} -> {t_fused['saved'] / MiB:.1f} MiB, "
+              f"peak {t_ref['peak'] / MiB:.1f} -> {t_fused['peak'] / MiB:.1f} MiB")
     print("wrote", write_result(f"compress_{'cuda' if cuda else 'cpu'}", rows))
     if not cuda:
         print("GPU timing skipped: torch has no usable CUDA device")

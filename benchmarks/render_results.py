@@ -137,8 +137,25 @@ def compress_section(path: Path) -> list[str]:
         rows.append([r["mode"], f"{r['flops'] / 1e9:.2f}", ref["passes"], fused["passes"], f"{ref['bytes'] / MiB:.1f}",
                      f"{fused['bytes'] / MiB:.1f}", f"{ref['bytes'] / fused['bytes']:.2f}x", f"{ref['peak'] / MiB:.1f}",
                      f"{fused['peak'] / MiB:.1f}", f"{ref['allocated'] / MiB:.1f}", f"{fused['allocated'] / MiB:.1f}"])
-    return out + table("mode|GFLOPs>|reference passes>|fused passes>|reference MiB moved>|fused MiB moved>|fewer bytes>|"
-                       "reference peak MiB>|fused peak MiB>|reference allocated MiB>|fused allocated MiB>", rows)
+    out = out + table("mode|GFLOPs>|reference passes>|fused passes>|reference MiB moved>|fused MiB moved>|fewer bytes>|"
+                      "reference peak MiB>|fused peak MiB>|reference allocated MiB>|fused allocated MiB>", rows)
+    trained = [r for r in m["rows"] if "training" in r]
+    if not trained:
+        return out
+    stubbed = trained[0]["training"].get("fused_launches") == "stubbed"
+    out += ["", "**Neck + compressor training step** (forward + backward, gradients of x and every parameter; bf16, "
+            f"batch 1, {m['device']}, {m['date']}; same command). Saved = what is kept for the backward (live after "
+            "the forward, less the output): the reference through autograd, the fused path its pre-norm conv outputs, "
+            "fp32 mean/rstd per pixel and net_2's output. Peak / allocated: the whole step, `MemoryTracker`"
+            + (", the fused launchers with the Triton launch stubbed (`profiler.stubbed_launches`)." if stubbed else "."), ""]
+    rows = []
+    for r in trained:
+        ref, fused = r["training"]["reference"], r["training"]["fused"]
+        rows.append([r["mode"], f"{ref['saved'] / MiB:.1f}", f"{fused['saved'] / MiB:.1f}", f"{ref['saved'] / fused['saved']:.1f}x",
+                     f"{ref['peak'] / MiB:.1f}", f"{fused['peak'] / MiB:.1f}", f"{ref['allocated'] / MiB:.1f}",
+                     f"{fused['allocated'] / MiB:.1f}"])
+    return out + table("mode|reference saved MiB>|fused saved MiB>|less saved>|reference peak MiB>|fused peak MiB>|"
+                       "reference allocated MiB>|fused allocated MiB>", rows)
 
 
 def rows_section(path: Path, title: str, command: str) -> list[str]:

@@ -170,6 +170,7 @@ def _conv_nhwc_dgrad_kernel(
 def _conv_nhwc_wgrad_kernel(
     x_ptr, dy_ptr, part_ptr, stats_ptr, ln_w_ptr, ln_b_ptr,
     stride_xb, stride_xh, stride_xw,
+    stride_ps, stride_pt, stride_pi, stride_po,   # partials [split, tap, C_in, C_out] through strides
     H, W, Ho, Wo, C_in, C_out, num_pixels, pixels_per_split,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     LN_IN: tl.constexpr,        # x holds a LayerNorm's input: normalise it while loading (its output is not kept)
@@ -178,7 +179,8 @@ def _conv_nhwc_wgrad_kernel(
 ):
     """Weight gradient dW[tap, ci, co] = sum over output pixels q of x[p(q, tap), ci] dy[q, co]: a GEMM
     reducing over pixels, split into fixed pixel ranges; each split writes its own fp32 partial
-    (summed afterwards in a fixed order: deterministic, no atomics). 1-D grid."""
+    (summed afterwards in a fixed order: deterministic, no atomics); a single split writes the
+    gradient itself, in the weight's dtype and [C_out, C_in, k, k] layout. 1-D grid."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(C_out, BLOCK_N)
     num_m = tl.cdiv(C_in, BLOCK_M)
@@ -222,8 +224,9 @@ def _conv_nhwc_wgrad_kernel(
             g = g.to(tl.float32)
         acc = tl.dot(a, g, acc, input_precision=precision)
 
-    rows = (split.to(tl.int64) * KSIZE * KSIZE + tap) * C_in + offs_ci
-    tl.store(part_ptr + rows[:, None] * C_out + offs_co[None, :], acc, mask=valid_ci[:, None] & valid_co[None, :])
+    part = part_ptr + split.to(tl.int64) * stride_ps + tap * stride_pt
+    tl.store(part + offs_ci[:, None] * stride_pi + offs_co[None, :] * stride_po, acc.to(part_ptr.dtype.element_ty),
+             mask=valid_ci[:, None] & valid_co[None, :])
 
 
 def kernel_for(interpret: bool, kernel=None):
@@ -330,9 +333,10 @@ def conv_dgrad(dy, weight_kkio, in_hw: tuple[int, int], stride: int, pad: int, c
 
 def wgrad_splits(num_pixels: int, programs_per_split: int, cfg: dict) -> tuple[int, int]:
     """(splits, pixels per split) of the weight gradient's pixel reduction, from shapes alone: enough
-    programs to fill a GPU (``cfg["PROGRAMS"]``), each split at least ``cfg["MIN_PIXELS"]`` pixels."""
+    programs to fill a GPU (``cfg["PROGRAMS"]``), each split at least ``cfg["MIN_PIXELS"]`` pixels, at most
+    ``cfg["MAX_SPLITS"]`` splits (each holds an fp32 copy of the weight gradient)."""
     chunk = cfg["BLOCK_K"]
-    want = max(1, min(triton.cdiv(cfg["PROGRAMS"], programs_per_split), num_pixels // cfg["MIN_PIXELS"]))
+    want = max(1, min(triton.cdiv(cfg["PROGRAMS"], programs_per_split), num_pixels // cfg["MIN_PIXELS"], cfg["MAX_SPLITS"]))
     per_split = triton.cdiv(triton.cdiv(num_pixels, want), chunk) * chunk
     return triton.cdiv(num_pixels, per_split), per_split
 
@@ -343,26 +347,36 @@ def wgrad_grid(num_pixels: int, ksize: int, c_in: int, c_out: int, cfg: dict):
     return launch_grid(splits * tiles), splits, per_split
 
 
-def conv_wgrad(x, dy, ksize: int, stride: int, pad: int, config: str, ln=None, interpret: bool = False):
-    """Weight gradient of one conv, fp32 [k, k, C_in, C_out]: x [B, H, W, C_in] (unit channel stride;
-    with ``ln`` = (stats, gamma, beta) it holds the LayerNorm's input, normalised while read), dy
-    [B, Ho, Wo, C_out] contiguous."""
+def conv_wgrad(x, dy, ksize: int, stride: int, pad: int, config: str, ln=None, interpret: bool = False,
+               out_dtype: torch.dtype | None = None):
+    """Weight gradient of one conv, [C_out, C_in, k, k] in ``out_dtype`` (default x's): x [B, H, W, C_in]
+    (unit channel stride; with ``ln`` = (stats, gamma, beta) it holds the LayerNorm's input, normalised
+    while read), dy [B, Ho, Wo, C_out] contiguous."""
     B, H, W, C_in = x.shape
     _, Ho, Wo, C_out = dy.shape
     cfg = compress_bwd_config(config, C_out)
     num_pixels = B * Ho * Wo
     grid, splits, per_split = wgrad_grid(num_pixels, ksize, C_in, C_out, cfg)
-    part = torch.empty(splits, ksize, ksize, C_in, C_out, device=x.device, dtype=torch.float32)
+    dw = torch.empty(C_out, C_in, ksize, ksize, device=x.device, dtype=out_dtype or x.dtype)
+    if splits == 1:   # the kernel writes the gradient itself
+        part, strides = dw, (0, 1, ksize * ksize, C_in * ksize * ksize)
+    else:             # fp32 partials, split-major
+        part = torch.empty(splits, ksize * ksize, C_in, C_out, device=x.device, dtype=torch.float32)
+        strides = part.stride()
     stats, gamma, beta = ln if ln is not None else (part, part, part)   # never read without LN_IN
-    launch = {k: v for k, v in cfg.items() if k not in ("PROGRAMS", "MIN_PIXELS")}
+    launch = {k: v for k, v in cfg.items() if k not in ("PROGRAMS", "MIN_PIXELS", "MAX_SPLITS")}
     kernel_for(interpret, _conv_nhwc_wgrad_kernel)[grid](
         x, dy, part, stats, gamma, beta,
-        x.stride(0), x.stride(1), x.stride(2),
+        x.stride(0), x.stride(1), x.stride(2), *strides,
         H, W, Ho, Wo, C_in, C_out, num_pixels, per_split,
         KSIZE=ksize, STRIDE=stride, PAD=pad, LN_IN=ln is not None, **_dot_flags(x.dtype, interpret), **launch,
     )
     _record(config, (x, dy) + (tuple(ln) if ln else ()), (part,))
-    return part.sum(0) if splits > 1 else part[0]   # fixed-order reduction of the splits
+    if splits > 1:   # the splits summed in a fixed order, in place (no further buffer)
+        for i in range(1, splits):
+            part[0].add_(part[i])
+        dw.copy_(part[0].view(ksize, ksize, C_in, C_out).permute(3, 2, 0, 1))
+    return dw
 
 
 def _chain_shapes(H: int, W: int):
@@ -397,7 +411,8 @@ def compress_fwd(x, neck0, ln1_w, ln1_b, neck2, ln3_w, ln3_b, net2, net3, eps: f
 def compress_bwd(grad, x, neck0, ln1_w, ln1_b, neck2, ln3_w, ln3_b, net2, net3, c1, stats1, c2, stats2, y3,
                  interpret: bool = False):
     """Gradients of the chain from the tokens' gradient [B, h*w, C3] and the training forward's saved
-    tensors. Conv weight gradients come back fp32 [k, k, C_in, C_out], LN ones fp32 [C]; dx in x's dtype."""
+    tensors: dx [B, H, W, C_in] and each parameter's, in its shape ([C_out, C_in, k, k] for the convs)
+    and x's dtype."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     B, H, W, _ = x.shape
@@ -412,5 +427,5 @@ def compress_bwd(grad, x, neck0, ln1_w, ln1_b, neck2, ln3_w, ln3_b, net2, net3, 
     d_neck0 = conv_wgrad(x, dc1, 1, 1, 0, "neck_1x1_wgrad", interpret=interpret)
     dx = conv_dgrad(dc1, neck0, (H, W), 1, 0, "neck_1x1_dgrad", interpret=interpret)
     # d gamma, d beta: the pixel tiles' partials summed in a fixed order
-    return (dx, d_neck0, part1[:, 0].sum(0), part1[:, 1].sum(0), d_neck2, part3[:, 0].sum(0), part3[:, 1].sum(0),
-            d_net2, d_net3)
+    ln = [p.sum(0).to(x.dtype) for p in (part1[:, 0], part1[:, 1], part3[:, 0], part3[:, 1])]
+    return dx, d_neck0, ln[0], ln[1], d_neck2, ln[2], ln[3], d_net2, d_net3

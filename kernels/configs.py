@@ -117,7 +117,8 @@ def compress_config(name: str, c_out: int, device=None) -> dict:
 # tiles x input channels, reducing over taps x output channels; the *_ln ones hold every channel of
 # a pixel (the LayerNorm backward is fused). Weight gradients (*_wgrad): input x output channel
 # tiles per tap, reducing over pixels BLOCK_K at a time, split into fixed pixel ranges until about
-# PROGRAMS programs run (each split >= MIN_PIXELS pixels). The largest tiles found to compile with 0
+# PROGRAMS programs run (two per H100 SM; each split >= MIN_PIXELS pixels; at most MAX_SPLITS, as each
+# split holds an fp32 copy of the weight gradient). The largest tiles found to compile with 0
 # spill bytes on sm_80 and sm_90a (static report).
 COMPRESS_BWD = {
     # the training forward's LayerNorm steps, which also store the pre-norm output and statistics:
@@ -128,10 +129,10 @@ COMPRESS_BWD = {
     "neck_3x3_dgrad_ln": dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=3),   # 32 pixels spill on sm_90a
     "net2_dgrad_ln": dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=3),
     "net3_dgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
-    "neck_1x1_wgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, PROGRAMS=512, MIN_PIXELS=256),
-    "neck_3x3_wgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=2, PROGRAMS=512, MIN_PIXELS=256),
-    "net2_wgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=2, PROGRAMS=512, MIN_PIXELS=256),
-    "net3_wgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, PROGRAMS=512, MIN_PIXELS=256),
+    "neck_1x1_wgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, PROGRAMS=264, MIN_PIXELS=256, MAX_SPLITS=4),
+    "neck_3x3_wgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=2, PROGRAMS=264, MIN_PIXELS=256, MAX_SPLITS=2),
+    "net2_wgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=2, PROGRAMS=264, MIN_PIXELS=256, MAX_SPLITS=2),
+    "net3_wgrad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, PROGRAMS=264, MIN_PIXELS=256, MAX_SPLITS=2),
 }
 
 

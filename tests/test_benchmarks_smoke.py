@@ -30,4 +30,5 @@ def test_compress_benchmark_gpu_paths():
     import bench_compress
 
     rows = bench_compress.gpu_rows(REFERENCE, modes=("tiny",), batches=(1,))
-    assert [r["impl"] for r in rows] == ["PyTorch NCHW", "PyTorch channels-last", "torch.compile", "fused (this package)"]
+    assert [r["impl"] for r in rows] == ["PyTorch NCHW", "PyTorch channels-last", "torch.compile", "fused (this package)",
+                                         "fwd+bwd PyTorch NCHW", "fwd+bwd fused (this package)"]

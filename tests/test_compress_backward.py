@@ -87,13 +87,14 @@ def test_bitwise_deterministic():
 
 
 def test_weight_gradient_splits_by_shape():
-    """Split counts follow from shapes (never data): at least MIN_PIXELS pixels a split, about
-    PROGRAMS programs in all, every pixel in exactly one split."""
+    """Split counts follow from shapes (never data): at least MIN_PIXELS pixels a split, at most
+    MAX_SPLITS, about PROGRAMS programs in all, every pixel in exactly one split."""
     cfg = compress_bwd_config("neck_3x3_wgrad", 256)
     for pixels, tiles in [(1, 36), (4096, 36), (4096 * 32, 36), (1600, 9 * 4 * 8), (10**7, 9)]:
         splits, per = wgrad_splits(pixels, tiles, cfg)
         assert per % cfg["BLOCK_K"] == 0 and (splits - 1) * per < pixels <= splits * per
         assert splits == 1 or per >= cfg["MIN_PIXELS"]
+        assert splits <= cfg["MAX_SPLITS"]
         assert splits * tiles <= max(cfg["PROGRAMS"], tiles) + tiles
 
 
@@ -122,7 +123,7 @@ def test_weight_gradient_by_hand():
     """dW[tap, ci, co] of a stride-2 conv = sum over output pixels of x(read by tap) * dy; padding reads 0."""
     x = torch.randn(2, 5, 3, 3)
     dy = torch.randn(2, 3, 2, 4)
-    dw = conv_wgrad(x, dy, 3, 2, 1, "net2_wgrad", interpret=True)
+    dw = conv_wgrad(x, dy, 3, 2, 1, "net2_wgrad", interpret=True).permute(2, 3, 1, 0)   # -> [k, k, C_in, C_out]
     want = torch.zeros(3, 3, 3, 4)
     for b in range(2):
         for oy in range(3):

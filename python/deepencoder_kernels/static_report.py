@@ -242,7 +242,7 @@ def compress_bwd_cases(kind: str):
     from deepencoder_kernels.kernels.configs import compress_bwd_config
 
     for name, ksize, stride, pad, ln, channels in (COMPRESS_DGRAD_STEPS if kind == "dgrad" else COMPRESS_WGRAD_STEPS):
-        conf = {k: v for k, v in compress_bwd_config(name, channels).items() if k not in ("PROGRAMS", "MIN_PIXELS")}
+        conf = {k: v for k, v in compress_bwd_config(name, channels).items() if k not in ("PROGRAMS", "MIN_PIXELS", "MAX_SPLITS")}
         launch = conf.pop("num_warps"), conf.pop("num_stages")
         flag = "LN_BWD" if kind == "dgrad" else "LN_IN"
         yield f"all-modes/{name}", name, dict(KSIZE=ksize, STRIDE=stride, PAD=pad, **{flag: ln}, IEEE_DOT=False,
@@ -256,8 +256,9 @@ def compress_bwd_signature(kind: str, dtype: str) -> dict:
         sig.update({name: "i32" for name in ("H", "W", "Ho", "Wo", "C_in", "C_out", "batch", "class_tiles")})
     else:
         sig = {"x_ptr": p, "dy_ptr": p, "part_ptr": f, "stats_ptr": f, "ln_w_ptr": p, "ln_b_ptr": p}
-        sig.update({name: "i32" for name in ("stride_xb", "stride_xh", "stride_xw", "H", "W", "Ho", "Wo", "C_in", "C_out",
-                                             "num_pixels", "pixels_per_split")})
+        sig.update({name: "i32" for name in ("stride_xb", "stride_xh", "stride_xw", "stride_ps", "stride_pt", "stride_pi",
+                                             "stride_po", "H", "W", "Ho", "Wo", "C_in", "C_out", "num_pixels",
+                                             "pixels_per_split")})
     return sig
 
 

@@ -37,6 +37,9 @@ def compress(
     Returns:
         Tokens ``[B, h * w, C3]`` row-major, ``h = ceil(ceil(H / 2) / 2)`` (16 x 16 at 1024 px).
 
+    Differentiable in x and all eight parameters on every backend (the fused ones through their own
+    backward kernels, deterministic).
+
     Equivalent PyTorch: :func:`deepencoder_kernels.reference.compress`.
     """
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
@@ -203,11 +206,8 @@ def _compress_backward_op(
     """Gradients of x and the eight parameters, each in its input's shape and dtype."""
     from deepencoder_kernels.kernels.compress import compress_bwd
 
-    dx, *grads = compress_bwd(grad, x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w),
-                              kkio(net3_w), c1, stats1, c2, stats2, y3, interpret=_INTERPRET[backend])
-    # conv weight gradients come back [k, k, C_in, C_out] fp32: into the checkpoint's [C_out, C_in, k, k]
-    grads = [g.permute(3, 2, 0, 1) if g.dim() == 4 else g for g in grads]
-    return (dx, *(g.to(x.dtype).contiguous() for g in grads))
+    return compress_bwd(grad, x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w),
+                        kkio(net3_w), c1, stats1, c2, stats2, y3, interpret=_INTERPRET[backend])
 
 
 @_compress_backward_op.register_fake
@@ -221,6 +221,7 @@ def _setup_context(ctx, inputs, output):
     _, c1, stats1, c2, stats2, y3 = output
     ctx.backend = backend
     ctx.mark_non_differentiable(c1, stats1, c2, stats2, y3)
+    ctx.set_materialize_grads(False)   # no zero-filled gradients for the saved outputs
     ctx.save_for_backward(x, *weights, c1, stats1, c2, stats2, y3)
 
 
