@@ -179,3 +179,16 @@ def test_cli_encode(tmp_path, capsys):
     assert "2 pages" in capsys.readouterr().out
     tokens, meta = E.load_tokens(tmp_path / "o.safetensors")
     assert meta["mode"] == "tiny" and all(t.shape == (73, 24) for t in tokens.values())
+
+
+def test_progress_bar_goes_to_its_stream():
+    import io
+
+    stream = io.StringIO()
+    bar = E.Progress(3, stream=stream, every=3600)
+    bar.update()
+    bar.update()
+    assert stream.getvalue() == ""                  # not a terminal: throttled ...
+    bar.update()
+    bar.close()
+    assert "3/3 pages" in stream.getvalue() and "|" + "#" * 30 + "|" in stream.getvalue()   # ... but the end is always shown
