@@ -204,3 +204,23 @@ def test_compressor_module_trains_on_the_fused_path():
     assert set(grads["reference"]) == {n for n, _ in comp.named_parameters()}
     for name, want in grads["reference"].items():
         assert_close(grads["triton-interpret"][name], want, torch.float32, msg=name)
+
+
+def test_stubbed_launch_memory_equals_an_interpreted_run():
+    """bench_compress measures the training step's memory at full size with the Triton launches
+    stubbed: the same launchers run for real here (small shapes) allocate exactly the same."""
+    import contextlib
+
+    from deepencoder_kernels.kernels import compress as kernels
+    from deepencoder_kernels.profiler import MemoryTracker, stubbed_launches
+
+    x, *w = make_args(1, 9, 10, 24, 16, 16, 32, torch.float32)
+    kw = (kkio(w[0]), w[1], w[2], kkio(w[3]), w[4], w[5], kkio(w[6]), kkio(w[7]))
+    figures = []
+    for stub in (False, True):
+        with (stubbed_launches(kernels) if stub else contextlib.nullcontext()), MemoryTracker() as memory:
+            tokens, *saved = kernels.compress_fwd(x, *kw, 1e-6, interpret=True, train=True)
+            grads = kernels.compress_bwd(torch.ones_like(tokens), x, *kw, *saved, interpret=True)
+            del tokens, saved, grads
+        figures.append((memory.peak, memory.total))
+    assert figures[0] == figures[1]
