@@ -269,7 +269,7 @@ def test_cpp_checks_values_itself(k, cu, match):
     scores = torch.randn(8) if cu is not None else torch.randn(2, 4)
     features = torch.randn(*scores.shape, 3)
     with pytest.raises(ValueError, match=match):
-        torch.ops.deepencoder_kernels.saccade_gather(scores, features, k, cu, False, "cpp")
+        torch.ops.deepencoder_kernels.saccade_gather(scores, features, k, cu, False, -1, "cpp")
     compiled = torch.compile(lambda s, f, kk, c: ops.saccade_gather(s, f, kk, c), fullgraph=True, backend="aot_eager")
     torch._dynamo.reset()
     with dk.backend("cpp"), pytest.raises(ValueError, match=match):
@@ -699,7 +699,7 @@ def test_gpu_saccade_range_checked_under_compile_and_called_directly():
     scores, features = torch.randn(2, 8, device="cuda"), torch.randn(2, 8, 4, device="cuda")
     bad = torch.tensor([9, 1], device="cuda")
     with pytest.raises(ValueError, match="out of range"):
-        torch.ops.deepencoder_kernels.saccade_gather(scores, features, bad, None, False, "cpp")
+        torch.ops.deepencoder_kernels.saccade_gather(scores, features, bad, None, False, -1, "cpp")
     torch._dynamo.reset()
     compiled = torch.compile(lambda s, f, k: ops.saccade_gather(s, f, k), fullgraph=True, backend="aot_eager")
     with dk.backend("cpp"):

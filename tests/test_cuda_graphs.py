@@ -29,10 +29,10 @@ def capture(fn):
     return graph, out
 
 
-def replay_equals_eager(fn, inputs, refill, dtype, grad=False):
+def replay_equals_eager(fn, inputs, refill, dtype, grad=False, backend="triton"):
     """Capture ``fn()`` (reading ``inputs``), replay, compare with eager; ``refill()`` writes new values into
     ``inputs`` in place; replay again and compare with eager on the new values."""
-    with torch.set_grad_enabled(grad), dk.backend("triton"):
+    with torch.set_grad_enabled(grad), dk.backend(backend):
         graph, out = capture(fn)
         for round_ in range(2):
             graph.replay()
@@ -60,6 +60,24 @@ def test_rel_pos_attention(window, side, dtype):
     th, tw = ((torch.randn(2 * (window or 64) - 1, 64, device="cuda") * 0.3).to(dtype) for _ in range(2))
     pad = (torch.randn(3 * 768, device="cuda") * 0.5).to(dtype) if window else None
     replay_equals_eager(lambda: ops.rel_pos_attention(qkv, th, tw, 12, window, pad), [qkv], refill_randn(qkv), dtype)
+
+
+@pytest.mark.parametrize("order", ["score", "spatial"])
+def test_saccade_gather_int_budget(order):
+    """An int budget over [B, N] inputs: the output size is known on the host, so the CUDA op captures."""
+    scores = torch.randn(8, 4096, device="cuda")
+    features = torch.randn(8, 4096, 768, device="cuda", dtype=torch.bfloat16)
+    replay_equals_eager(lambda: ops.saccade_gather(scores, features, 273, order=order), [scores], refill_randn(scores),
+                        torch.float32, backend="cpp")
+
+
+def test_saccade_gather_tensor_budget_is_refused_while_capturing():
+    scores, features = torch.randn(2, 256, device="cuda"), torch.randn(2, 256, 64, device="cuda")
+    k = torch.tensor([3, 5], device="cuda")
+    ops.saccade_gather(scores, features, k)   # eager: fine
+    with dk.backend("cpp"), pytest.raises(ValueError, match="pass k as an int"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            ops.saccade_gather(scores, features, k)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

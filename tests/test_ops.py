@@ -139,7 +139,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.deepencoder_kernels.varlen_attention,
                           (v["q"], v["k"], v["v"], v["cu_seqlens"], 6, None, None, None, None, 0, "reference"))
     torch.library.opcheck(torch.ops.deepencoder_kernels.saccade_gather,
-                          (torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor([3, 1]), None, False, "reference"),
+                          (torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor([3, 1]), None, False, -1, "reference"),
                           test_utils=("test_schema", "test_autograd_registration"))
 
 

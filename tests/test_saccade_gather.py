@@ -160,9 +160,10 @@ def test_rejects_foreign_device_and_unknown_options():
         ops.saccade_gather(torch.randn(2, 8), torch.randn(2, 8, 4), 3, score_grad="gumbel")
 
 
-def test_cpp_passes_opcheck():
+@pytest.mark.parametrize("k,total", [([3, 1], -1), ([3, 3], 6)], ids=["sum-read", "host-total"])
+def test_cpp_passes_opcheck(k, total):
     torch.library.opcheck(torch.ops.deepencoder_kernels.saccade_gather,
-                          (torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor([3, 1]), None, False, "cpp"),
+                          (torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor(k), None, False, total, "cpp"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

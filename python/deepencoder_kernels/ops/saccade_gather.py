@@ -6,8 +6,8 @@ from typing import Optional, Union
 import torch
 
 from .. import dispatch, extension, reference
-from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_cu_seqlens, check_shape, check_tensor, impl_of, kernel_layout,
-                      run)
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, capturing, check_cu_seqlens, check_shape, check_tensor, impl_of,
+                      kernel_layout, run)
 
 OP = "saccade_gather"
 ORDERS = ("score", "spatial")
@@ -37,6 +37,10 @@ def saccade_gather(
             gradients (a scatter-add of the output gradient into the chosen rows).
             ``"straight_through"``: each gathered row is multiplied by ``1 + s - s.detach()``
             (exactly 1 in the forward), so ``scores`` get ``<grad_row, row>`` at chosen positions.
+
+    An int ``k`` with ``[B, N]`` inputs makes the call capturable in a CUDA graph: the output size
+    ``B * k`` is known on the host, so nothing is read back. A tensor ``k`` (or packed inputs) sizes
+    the output by ``sum(k)``, one host read (refused with a clear error while a graph captures).
 
     Ties go to the lower position. NaN scores rank below every number (-inf included), so a NaN
     position is chosen only when ``k[b]`` exceeds the image's count of non-NaN scores (then lowest
@@ -73,14 +77,23 @@ def saccade_gather(
         B = cu_seqlens.shape[0] - 1
     if isinstance(k, bool) or not isinstance(k, (int, torch.Tensor)):
         raise TypeError(f"k must be an int or an int64 tensor, got {type(k).__name__}")
+    total = -1   # sum(k) when the host knows it (no read back), else -1
     if isinstance(k, int):
+        if cu_seqlens is None:
+            if not 0 <= k <= scores.shape[1]:
+                raise ValueError(f"k[0] = {k} is out of range: each k must be in [0, N_b = {scores.shape[1]}] "
+                                 "(an int k is every image's budget)")
+            total = B * k
         k = torch.full((B,), k, dtype=torch.int64, device=device)
     check_tensor("k", k, ndim=1, dtypes=(torch.int64,), device=device)
     check_shape("k", k, (B,))
     k = kernel_layout(k)
-    if not torch.compiler.is_compiling():  # value checks read to the host: eager only, no graph break
+    if total < 0 and capturing(device):
+        raise ValueError("saccade_gather with a tensor k (or packed inputs) sizes its output by sum(k), read to the host, "
+                         "which a CUDA graph cannot capture: pass k as an int with [B, N] inputs")
+    if total < 0 and not torch.compiler.is_compiling():  # value checks read to the host: eager only, no graph break
         _check_values(scores, k, cu_seqlens)
-    args = (scores, features, k, cu_seqlens, order == "spatial")
+    args = (scores, features, k, cu_seqlens, order == "spatial", total)
     gathered, positions, cu_out = run(OP, _saccade_gather_op, args, device, scores.dtype)
     if score_grad == "straight_through" and scores.requires_grad and torch.is_grad_enabled():
         chosen = scores.reshape(-1)[source_rows(positions, cu_out, cu_seqlens, scores.shape[-1])]
@@ -118,14 +131,15 @@ def _saccade_gather_op(
     k: torch.Tensor,
     cu_seqlens: Optional[torch.Tensor],
     spatial_order: bool,
+    total: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return impl_of(OP, backend)(scores, features, k, cu_seqlens, spatial_order)
+    return impl_of(OP, backend)(scores, features, k, cu_seqlens, spatial_order, total)
 
 
 @_saccade_gather_op.register_fake
-def _(scores, features, k, cu_seqlens, spatial_order, backend):
-    n = torch.library.get_ctx().new_dynamic_size()  # sum(k) is data
+def _(scores, features, k, cu_seqlens, spatial_order, total, backend):
+    n = total if total >= 0 else torch.library.get_ctx().new_dynamic_size()  # else sum(k) is data
     C = features.shape[-1]
     return (
         features.new_empty(n, C),
@@ -135,7 +149,7 @@ def _(scores, features, k, cu_seqlens, spatial_order, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    scores, features, _, cu_seqlens, _, _ = inputs
+    scores, features, _, cu_seqlens, _, _, _ = inputs
     _, positions, cu_out = output
     ctx.features_shape = features.shape
     ctx.n = scores.shape[-1]
@@ -148,7 +162,7 @@ def _backward(ctx, grad_gathered, _grad_positions, _grad_cu):
     C = ctx.features_shape[-1]
     grad = grad_gathered.new_zeros(ctx.features_shape).view(-1, C)
     grad.index_add_(0, rows, grad_gathered)  # rows are distinct within an image, and images do not overlap
-    return None, grad.view(ctx.features_shape), None, None, None, None
+    return None, grad.view(ctx.features_shape), None, None, None, None, None
 
 
 _saccade_gather_op.register_autograd(_backward, setup_context=_setup_context)
@@ -168,24 +182,30 @@ BAD_OFFSETS, BAD_BUDGET, BAD_TOTAL, WRONG_DEVICE = -1, -2, -3, -4
 MAX_ROWS = 2**31 - 1   # cu_seqlens_out is int32
 
 
-def _saccade_gather_cpp(scores, features, k, cu_seqlens, spatial_order):
+def _saccade_gather_cpp(scores, features, k, cu_seqlens, spatial_order, total=-1):
     if scores.device.type == "cuda":
         index = scores.device.index if scores.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(scores.device).cuda_stream   # torch's current stream on that device
         launch = lambda *call: extension.EXTENSION.saccade_gather_cuda(*call, stream, index)  # noqa: E731
-        return run_extension(scores, features, k, cu_seqlens, spatial_order, launch, checks_values=False)
+        return run_extension(scores, features, k, cu_seqlens, spatial_order, launch, checks_values=False, total=total)
     return run_extension(scores, features, k, cu_seqlens, spatial_order, extension.EXTENSION.saccade_gather_cpu,
-                         checks_values=True)
+                         checks_values=True, total=total)
 
 
-def run_extension(scores, features, k, cu_seqlens, spatial_order, launch, checks_values: bool):
+def _saccade_gather_reference(scores, features, k, cu_seqlens, spatial_order, total=-1):
+    return reference.saccade_gather(scores, features, k, cu_seqlens, spatial_order)
+
+
+def run_extension(scores, features, k, cu_seqlens, spatial_order, launch, checks_values: bool, total: int = -1):
     """The extension's host path on tensors: checks, layouts, outputs, the raw call, its status.
 
     The custom op runs this also where the ops layer's checks did not run (under torch.compile, or
     called directly), so devices, dtypes, shapes and layouts are checked again here (cheap), and the
     values the kernels rely on are checked on every call: by the C++ code itself on CPU
     (``checks_values``), else together with ``sum(k)`` in the one host read that sizing the outputs
-    needs anyway (CUDA; the kernel also clamps budgets, so it never selects past an image)."""
+    needs anyway (CUDA; the kernel also clamps budgets, so it never selects past an image).
+    ``total >= 0`` is ``sum(k)`` known on the host (an int budget over ``[B, N]`` inputs, checked by
+    the caller): then nothing is read back, and the call is capturable in a CUDA graph."""
     device = scores.device
     scores, features, k, cu_seqlens = (kernel_layout(t) for t in (scores, features, k, cu_seqlens))
     for name, t in (("features", features), ("k", k), ("cu_seqlens", cu_seqlens)):
@@ -200,8 +220,10 @@ def run_extension(scores, features, k, cu_seqlens, spatial_order, launch, checks
             or (cu_seqlens is None and scores.shape[0] != B)):
         raise ValueError("saccade_gather: inputs do not match the op's schema (use deepencoder_kernels.ops.saccade_gather, "
                          "which names what is wrong)")
-    if checks_values:
-        total = int(k.sum())
+    if total >= 0 and not checks_values:
+        pass   # the host knows sum(k) and the budgets are in range: no read back
+    elif checks_values:
+        total = int(k.sum()) if total < 0 else total   # the C++ code checks the budgets against it
     else:
         if cu_seqlens is None:
             lengths = torch.full_like(k, scores.shape[1])
@@ -240,6 +262,6 @@ def _raise_for(status: int, scores, k, cu_seqlens):
     raise RuntimeError(f"saccade_gather CUDA launch failed with cudaError {status} {name}".rstrip())
 
 
-dispatch.register(OP, dispatch.Backend("reference", reference.saccade_gather, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
+dispatch.register(OP, dispatch.Backend("reference", _saccade_gather_reference, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
 dispatch.register(OP, dispatch.Backend("cpp", _saccade_gather_cpp, ("cpu", "cuda"), FLOAT_DTYPES, (extension.missing,),
                                        accepts=_extension_serves, differentiable=True))
