@@ -83,14 +83,19 @@ VARLEN_ATTENTION_BWD = {
     "plain": (dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
               dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)),
     "rel_pos": (dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
-                dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
+                dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)),
+    # tables past 128 rows (grids past 64, i.e. Large): the dkv kernel's key tile halves (32 rows
+    # spill there); the 32-row tile is kept below, where 16 rows spilled on Triton 3.6 (sm_90a)
+    "rel_pos_lp256": (dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
+                      dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
 }
 
 
 def varlen_attention_bwd_config(has_bias: bool, max_side_h: int, max_side_w: int) -> tuple[dict, dict]:
     """(dq kernel config, dkv kernel config)."""
-    dq, dkv = VARLEN_ATTENTION_BWD["rel_pos" if has_bias else "plain"]
     lp = dict(LP_H=max(16, next_pow2(2 * max_side_h - 1)), LP_W=max(16, next_pow2(2 * max_side_w - 1)))
+    name = "plain" if not has_bias else "rel_pos" if max(lp.values()) <= 128 else "rel_pos_lp256"
+    dq, dkv = VARLEN_ATTENTION_BWD[name]
     lk = dict(LK_H=max(16, next_pow2(max_side_h)), LK_W=max(16, next_pow2(max_side_w)))
     return {**dq, **lp, **lk}, {**dkv, **lp}
 

@@ -168,7 +168,7 @@ def varlen_attention_bwd_cases(kernel: str):
     from deepencoder_kernels.kernels.configs import varlen_attention_bwd_config
 
     cases = [("clip/packed", "plain", False, 1), ("sam-global/packed<=base", "rel_pos", True, cfg.sam_grid(1024)),
-             ("sam-global/packed<=large", "rel_pos", True, cfg.sam_grid(1280))]
+             ("sam-global/packed<=large", "rel_pos_lp256", True, cfg.sam_grid(1280))]
     for case, name, has_bias, side in cases:
         dq, dkv = varlen_attention_bwd_config(has_bias, side, side)
         conf = dict(dq if kernel == "dq" else dkv)
@@ -377,10 +377,10 @@ def to_json(rows: list[Row]) -> dict:
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'kernel':<18}{'case':<26}{'config':<14}{'target':<8}{'dtype':<6}{'regs':>5}{'spill B':>8}{'smem B':>8}{'TC instr':>9}"]
+    lines = [f"{'kernel':<26}{'case':<26}{'config':<14}{'target':<8}{'dtype':<6}{'regs':>5}{'spill B':>8}{'smem B':>8}{'TC instr':>9}"]
     for r in rows:
         tail = f"  ERROR {r.error}" if r.error else ""
-        lines.append(f"{r.kernel:<18}{r.case:<26}{r.config:<14}{r.target:<8}{r.dtype:<6}{r.registers:>5}"
+        lines.append(f"{r.kernel:<26}{r.case:<26}{r.config:<14}{r.target:<8}{r.dtype:<6}{r.registers:>5}"
                      f"{r.spill_bytes:>8}{r.shared_bytes:>8}{r.tensor_core_instructions:>9}{tail}")
     return "\n".join(lines)
 
