@@ -9,10 +9,28 @@ import torch
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def _keep_freed_host_memory() -> bool:
+    """Make glibc keep freed memory in this process (no mmap for large blocks, no trimming), so
+    warm passes reuse it instead of faulting fresh pages in, as torch's caching allocator does on a
+    GPU (measured: the warm Base pass on a 2-core CPU 11.2 s -> 9.1 s). Only for the ``profile``
+    process; a no-op where the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # glibc's malloc.h
+        # mallopt takes a C int: 2**31 - 1 is the largest trim threshold
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def _profile(args) -> int:
     from . import dispatch
     from .profiler import format_report, plot, profile, save_json
 
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        _keep_freed_host_memory()
     with dispatch.backend(args.backend):
         p = profile(args.mode, args.image, args.weights, DTYPES[args.dtype], args.device, progress=not args.quiet,
                     repeat=args.repeat, warmup=args.warmup, batch=args.batch, max_crops=args.max_crops)
