@@ -10,7 +10,7 @@ from deepencoder_kernels import reference as ref
 from deepencoder_kernels.kernels.compress import conv_dgrad, conv_wgrad, wgrad_splits
 from deepencoder_kernels.kernels.configs import compress_bwd_config
 from deepencoder_kernels.ops.compress import kkio
-from conftest import assert_close
+from conftest import assert_close, by_device, fused_backend
 from test_compress_kernel import make_args
 
 compress_ops = importlib.import_module("deepencoder_kernels.ops.compress")  # the module (ops.compress is the function)
@@ -19,9 +19,10 @@ NAMES = ("x", "neck0_w", "neck1_w", "neck1_b", "neck2_w", "neck3_w", "neck3_b", 
 
 def fused_grads(args, grad_out):
     leaves = [a.detach().requires_grad_() for a in args]
-    with dk.backend("triton-interpret"):
+    backend = fused_backend(args[0].device)
+    with dk.backend(backend):
         out = dk.ops.compress(*leaves, eps=1e-6)
-    assert dk.last_backends()["compress"].backend == "triton-interpret"   # the fused path, under autograd
+    assert dk.last_backends()["compress"].backend == backend   # the fused path, under autograd
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
@@ -32,7 +33,7 @@ def check_grads(args, dtype, msg=""):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         shape = ref.compress(*[a.float() for a in args], eps=1e-6).shape
-    grad_out = torch.randn(shape, generator=g).to(dtype)
+    grad_out = torch.randn(shape, generator=g).to(args[0].device, dtype)
     out, grads = fused_grads(args, grad_out)
     leaves = [a.detach().float().requires_grad_() for a in args]
     want_out = ref.compress(*leaves, eps=1e-6)
@@ -42,6 +43,17 @@ def check_grads(args, dtype, msg=""):
         assert got.dtype == dtype and got.shape == a.shape, (name, got.dtype, got.shape)
         scale = exp.abs().max().clamp_min(1e-12)
         assert_close(got.float() / scale, exp / scale, dtype, msg=f"{msg} d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("device,B,side", by_device(
+    [(1, 9)],                                                    # the CPU edges are covered below
+    [(B, side) for side in (32, 40, 64, 80) for B in (1, 8)]))   # every mode's grid, batch 1 and 8
+def test_full_channels_at_real_shapes(device, B, side, dtype):
+    """CUDA: DeepEncoder's channels (768 -> 256 -> 256 -> 512 -> 1024) on every mode's grid, x read
+    through strides with NaN around it; CPU: one small case through the same body."""
+    channels = (768, 256, 512, 1024) if device == "cuda" else (24, 16, 16, 32)
+    check_grads(make_args(B, side, side, *channels, dtype, nan_margin=True, device=device), dtype, f"B={B} side={side}")
 
 
 @pytest.mark.parametrize("B,side,dtype", [

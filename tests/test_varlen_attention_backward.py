@@ -8,7 +8,7 @@ import torch
 
 import deepencoder_kernels as dk
 from deepencoder_kernels import reference as ref
-from conftest import assert_close
+from conftest import assert_close, by_device, fused_backend
 
 
 def make_inputs(lens, heads, d, dtype, grids=None, table_rows=None):
@@ -30,9 +30,10 @@ def run(qkv, cu, bias, max_seqlen, dout, fused: bool, check_values=True):
     tables = {k: (t.detach().clone().requires_grad_() if k != "grid_hw" else t) for k, t in bias.items()}
     if fused:
         q, k, v = qkv.unbind(1)
-        with dk.backend("triton-interpret"):
+        backend = fused_backend(qkv.device)
+        with dk.backend(backend):
             out = dk.ops.varlen_attention(q, k, v, cu, max_seqlen, allow_empty=True, check_values=check_values, **tables)
-        assert dk.last_backends()["varlen_attention"].backend == "triton-interpret"
+        assert dk.last_backends()["varlen_attention"].backend == backend
     else:
         q, k, v = qkv.float().unbind(1)
         ft = {k: (t.float() if k != "grid_hw" else t) for k, t in tables.items()}
@@ -41,9 +42,10 @@ def run(qkv, cu, bias, max_seqlen, dout, fused: bool, check_values=True):
     return out, torch.autograd.grad(out, inputs, dout.to(out.dtype))
 
 
-def check(lens, heads, d, dtype, grids=None, table_rows=None, check_values=True):
+def check(lens, heads, d, dtype, grids=None, table_rows=None, check_values=True, device="cpu"):
     qkv, cu, bias = make_inputs(lens, heads, d, dtype, grids, table_rows)
-    dout = torch.randn(sum(lens), heads, d).to(dtype)
+    qkv, cu, bias = qkv.to(device), cu.to(device), {k: t.to(device) for k, t in bias.items()}
+    dout = torch.randn(sum(lens), heads, d).to(device, dtype)
     _, got = run(qkv, cu, bias, max(lens), dout, True, check_values)
     _, want = run(qkv, cu, bias, max(lens), dout, False)
     for name, g, w in zip(("dqkv", "d rel_pos_h", "d rel_pos_w"), got, want):
@@ -51,6 +53,23 @@ def check(lens, heads, d, dtype, grids=None, table_rows=None, check_values=True)
         assert g.shape == w.shape
         assert_close(g.float() / scale, w / scale, dtype, msg=f"lens={lens} grids={grids} {dtype}: {name}")
     return got
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("device,case", by_device(
+    [("plain",), ("rel_pos",)],
+    [("clip",), ("clip-batch8",), ("sam-global-mixed",)]), ids=None)
+def test_gradients_at_real_shapes(device, case, dtype):
+    """CUDA: CLIP's packed views (65/101/257/401 tokens, 16 heads of 64) and SAM global blocks of a mixed
+    batch (grids 32/40/64/80 with rel-pos, 12 heads of 64); CPU: one small case of each kind."""
+    if case == "plain":
+        check([5, 17, 9], 2, 16, dtype, device=device)
+    elif case == "rel_pos":
+        check([12, 20], 2, 16, dtype, grids=[(3, 4), (4, 5)], device=device)
+    elif case.startswith("clip"):
+        check([65, 101, 257, 401] * (2 if case == "clip-batch8" else 1), 16, 64, dtype, device=device)
+    else:
+        check([s * s for s in (32, 40, 64, 80)], 12, 64, dtype, grids=[(s, s) for s in (32, 40, 64, 80)], device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
