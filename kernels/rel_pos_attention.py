@@ -57,6 +57,34 @@ def _bias_h_per_key_tile(q, q_rw, table_h_ptr, ty, tx, ky, kx, valid_n, qy_first
 
 
 @triton.jit
+def _key_value_tile(qkv_img, offs_n, SEQ_W, n_tokens, origin_y, origin_x, H, W, stride_qh, stride_qw, d, pad_k, pad_v,
+                    C: tl.constexpr, HAS_PAD: tl.constexpr):
+    """k and v of a key tile (window-padding keys take the qkv bias ``pad_k``/``pad_v``: unmasked, as
+    upstream), with the keys' (row, col) in the sequence and their in-sequence / real-token masks."""
+    ky, kx, ky_g, kx_g, in_seq_n, real_n = _sequence_tokens(offs_n, SEQ_W, n_tokens, origin_y, origin_x, H, W)
+    kv_offs = ky_g * stride_qh + kx_g * stride_qw
+    k = tl.load(qkv_img + C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
+    v = tl.load(qkv_img + 2 * C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
+    if HAS_PAD:
+        is_pad = (in_seq_n & ~real_n)[:, None]
+        k = tl.where(is_pad, pad_k[None, :], k)
+        v = tl.where(is_pad, pad_v[None, :], v)
+    return ky, kx, in_seq_n, real_n, k, v
+
+
+@triton.jit
+def pad_key_value(pad_ptr, head, d, C: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr):
+    """This head's k and v of window-padding tokens (the qkv bias), loaded once per program."""
+    if HAS_PAD:
+        pad_k = tl.load(pad_ptr + C + head * HEAD_DIM + d)
+        pad_v = tl.load(pad_ptr + 2 * C + head * HEAD_DIM + d)
+    else:   # never read
+        pad_k = tl.zeros([HEAD_DIM], dtype=pad_ptr.dtype.element_ty)
+        pad_v = pad_k
+    return pad_k, pad_v
+
+
+@triton.jit
 def _rel_pos_attention_fwd_kernel(
     qkv_ptr, pad_ptr, table_h_ptr, table_w_ptr, out_ptr,
     lse_ptr,                    # fp32 [B, heads, H, W] (natural log), written only when STORE_LSE
@@ -117,20 +145,12 @@ def _rel_pos_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634   # LOG2E
-    if HAS_PAD:
-        pad_k = tl.load(pad_ptr + C + head * HEAD_DIM + d)
-        pad_v = tl.load(pad_ptr + 2 * C + head * HEAD_DIM + d)
+    pad_k, pad_v = pad_key_value(pad_ptr, head, d, C, HEAD_DIM, HAS_PAD)
 
     for start_n in range(0, n_tokens, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        ky, kx, ky_g, kx_g, in_seq_n, real_n = _sequence_tokens(offs_n, SEQ_W, n_tokens, origin_y, origin_x, H, W)
-        kv_offs = ky_g * stride_qh + kx_g * stride_qw
-        k = tl.load(qkv_img + C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
-        v = tl.load(qkv_img + 2 * C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
-        if HAS_PAD:
-            is_pad = (in_seq_n & ~real_n)[:, None]
-            k = tl.where(is_pad, pad_k[None, :], k)
-            v = tl.where(is_pad, pad_v[None, :], v)
+        ky, kx, in_seq_n, _, k, v = _key_value_tile(qkv_img, offs_n, SEQ_W, n_tokens, origin_y, origin_x, H, W,
+                                                    stride_qh, stride_qw, d, pad_k, pad_v, C, HAS_PAD)
         if QR_TILE == 0:
             bias = rel_pos_bias_tile(q_rh, q_rw, ty, tx, ky, kx, in_seq_n, SEQ_H, SEQ_W, LP_H, LP_W)
         else:

@@ -25,7 +25,7 @@ from ._runtime import launch_grid
 from .attention_core import (q_rel_pos_tables, recompute_probs, rel_pos_bias_tile, sum_by_key_coord, through_rel_pos_table,
                              tile_of_program)
 from .configs import rel_pos_attention_bwd_config
-from .rel_pos_attention import _sequence_tokens
+from .rel_pos_attention import _key_value_tile, _sequence_tokens, pad_key_value
 
 
 @triton.jit
@@ -81,23 +81,15 @@ def _rel_pos_attention_bwd_dq_kernel(
     q_rh, q_rw = q_rel_pos_tables(q, table_h_ptr, table_w_ptr, 2 * SEQ_H - 1, 2 * SEQ_W - 1, d,
                                   HEAD_DIM, LP_H, LP_W, precision)
     qk_scale = sm_scale * 1.4426950408889634
-    if HAS_PAD:
-        pad_k = tl.load(pad_ptr + C + head * HEAD_DIM + d)
-        pad_v = tl.load(pad_ptr + 2 * C + head * HEAD_DIM + d)
+    pad_k, pad_v = pad_key_value(pad_ptr, head, d, C, HEAD_DIM, HAS_PAD)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     t_h = tl.zeros([BLOCK_M, LK_H], dtype=tl.float32)
     t_w = tl.zeros([BLOCK_M, LK_W], dtype=tl.float32)
     for start_n in range(0, n_tokens, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        ky, kx, ky_g, kx_g, in_seq_n, real_n = _sequence_tokens(offs_n, SEQ_W, n_tokens, origin_y, origin_x, H, W)
-        kv_offs = ky_g * stride_qh + kx_g * stride_qw
-        k = tl.load(qkv_img + C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
-        v = tl.load(qkv_img + 2 * C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
-        if HAS_PAD:
-            is_pad = (in_seq_n & ~real_n)[:, None]
-            k = tl.where(is_pad, pad_k[None, :], k)
-            v = tl.where(is_pad, pad_v[None, :], v)
+        ky, kx, in_seq_n, _, k, v = _key_value_tile(qkv_img, offs_n, SEQ_W, n_tokens, origin_y, origin_x, H, W,
+                                                    stride_qh, stride_qw, d, pad_k, pad_v, C, HAS_PAD)
         bias = rel_pos_bias_tile(q_rh, q_rw, ty, tx, ky, kx, in_seq_n, SEQ_H, SEQ_W, LP_H, LP_W)
         p = recompute_probs(q, k, bias, in_seq_n, lse2, qk_scale, True, precision)
         dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=precision)
@@ -143,7 +135,7 @@ def _rel_pos_attention_bwd_dkv_kernel(
     kv_offs = ky_g * stride_qh + kx_g * stride_qw
     k = tl.load(qkv_img + C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
     v = tl.load(qkv_img + 2 * C + kv_offs[:, None] + d[None, :], mask=real_n[:, None], other=0.0)
-    if HAS_PAD:
+    if HAS_PAD:   # unlike _key_value_tile's callers, this kernel also writes by grid position and sums the padding rows
         is_pad = in_seq_n & ~real_n
         k = tl.where(is_pad[:, None], tl.load(pad_ptr + C + head * HEAD_DIM + d)[None, :], k)
         v = tl.where(is_pad[:, None], tl.load(pad_ptr + 2 * C + head * HEAD_DIM + d)[None, :], v)

@@ -23,6 +23,14 @@ from .configs import varlen_attention_config
 
 
 @triton.jit
+def sequence_grid(grid_hw_ptr, table_rows_ptr, seq):
+    """A sequence's grid (rows, cols) and the first rows of its resized tables within the
+    concatenated ones (rel-pos bias only)."""
+    return (tl.load(grid_hw_ptr + 2 * seq), tl.load(grid_hw_ptr + 2 * seq + 1),
+            tl.load(table_rows_ptr + 2 * seq).to(tl.int64), tl.load(table_rows_ptr + 2 * seq + 1).to(tl.int64))
+
+
+@triton.jit
 def _varlen_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr,
     lse_ptr,                    # fp32 [total, heads] (natural log), written only when STORE_LSE
@@ -52,10 +60,7 @@ def _varlen_attention_fwd_kernel(
         q = q.to(tl.float32)
 
     if HAS_BIAS:
-        seq_h = tl.load(grid_hw_ptr + 2 * seq)
-        seq_w = tl.load(grid_hw_ptr + 2 * seq + 1)
-        first_h = tl.load(table_rows_ptr + 2 * seq).to(tl.int64)
-        first_w = tl.load(table_rows_ptr + 2 * seq + 1).to(tl.int64)
+        seq_h, seq_w, first_h, first_w = sequence_grid(grid_hw_ptr, table_rows_ptr, seq)
         qy = offs_m // seq_w
         qx = offs_m % seq_w
         q_rh, q_rw = q_rel_pos_tables(q, tables_h_ptr + first_h * HEAD_DIM, tables_w_ptr + first_w * HEAD_DIM,

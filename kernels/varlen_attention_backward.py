@@ -19,6 +19,7 @@ from ._runtime import launch_grid
 from .attention_core import (q_rel_pos_tables, recompute_probs, rel_pos_bias_tile, sum_by_key_coord, through_rel_pos_table,
                              tile_of_program)
 from .configs import varlen_attention_bwd_config
+from .varlen_attention import sequence_grid
 
 
 @triton.jit
@@ -56,10 +57,7 @@ def _varlen_attention_bwd_dq_kernel(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     if HAS_BIAS:
-        seq_h = tl.load(grid_hw_ptr + 2 * seq)
-        seq_w = tl.load(grid_hw_ptr + 2 * seq + 1)
-        first_h = tl.load(table_rows_ptr + 2 * seq).to(tl.int64)
-        first_w = tl.load(table_rows_ptr + 2 * seq + 1).to(tl.int64)
+        seq_h, seq_w, first_h, first_w = sequence_grid(grid_hw_ptr, table_rows_ptr, seq)
         qy = offs_m // seq_w
         qx = offs_m % seq_w
         q_rh, q_rw = q_rel_pos_tables(q, tables_h_ptr + first_h * HEAD_DIM, tables_w_ptr + first_w * HEAD_DIM,
@@ -123,10 +121,7 @@ def _varlen_attention_bwd_dkv_kernel(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     if HAS_BIAS:
-        seq_h = tl.load(grid_hw_ptr + 2 * seq)
-        seq_w = tl.load(grid_hw_ptr + 2 * seq + 1)
-        first_h = tl.load(table_rows_ptr + 2 * seq).to(tl.int64)
-        first_w = tl.load(table_rows_ptr + 2 * seq + 1).to(tl.int64)
+        seq_h, seq_w, first_h, first_w = sequence_grid(grid_hw_ptr, table_rows_ptr, seq)
         ky = offs_n // seq_w
         kx = offs_n % seq_w
     qk_scale = sm_scale * 1.4426950408889634
