@@ -132,6 +132,11 @@ def run(op: str, custom_op: Callable, args: tuple, device: torch.device, dtype: 
     return custom_op(*args, chosen.name)
 
 
+# Whether each Triton backend runs its kernels through the interpreter: the ``interpret`` argument
+# of every launcher, also for the training custom ops that receive the backend's name.
+TRITON_INTERPRET = {"triton": False, "triton-interpret": True}
+
+
 def triton_backends(op: str, launcher: Callable, accepts: Callable | None = None, differentiable: bool = False) -> None:
     """Register a Triton kernel as the ``triton`` (CUDA) and ``triton-interpret`` (CPU) backends.
 
@@ -142,10 +147,10 @@ def triton_backends(op: str, launcher: Callable, accepts: Callable | None = None
     import functools
 
     dispatch.register(op, dispatch.Backend(
-        "triton", functools.partial(launcher, interpret=False), ("cuda",), FLOAT_DTYPES,
+        "triton", functools.partial(launcher, interpret=TRITON_INTERPRET["triton"]), ("cuda",), FLOAT_DTYPES,
         (dispatch.needs_triton_compiler, dispatch.needs_interpret(False)), accepts=accepts, differentiable=differentiable))
     dispatch.register(op, dispatch.Backend(
-        "triton-interpret", functools.partial(launcher, interpret=True), ("cpu",), FLOAT_DTYPES,
+        "triton-interpret", functools.partial(launcher, interpret=TRITON_INTERPRET["triton-interpret"]), ("cpu",), FLOAT_DTYPES,
         (dispatch.needs_module("triton"), dispatch.needs_interpret(True)), accepts=accepts, differentiable=differentiable))
 
 

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import config as cfg
 from .. import dispatch, reference
-from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_shape, check_tensor, derived, impl_of, kernel_layout,
+from ._common import (FLOAT_DTYPES, LIBRARY, TRITON_INTERPRET, REFERENCE_DEVICES, check_shape, check_tensor, derived, impl_of, kernel_layout,
                       needs_grad, run,
                       triton_backends)
 
@@ -149,9 +149,6 @@ triton_backends(OP, _fused, _fused_accepts, differentiable=True)
 # LayerNorm's intermediates of both norms. (Saving only x and recomputing the whole chain would keep
 # less still, but redo ~80% of the forward's FLOPs in every backward.)
 
-_INTERPRET = {"triton": False, "triton-interpret": True}
-
-
 @torch.library.custom_op(f"{LIBRARY}::compress_train", mutates_args=())
 def _compress_train_op(
     x: torch.Tensor,
@@ -170,7 +167,7 @@ def _compress_train_op(
     from deepencoder_kernels.kernels.compress import compress_fwd
 
     return compress_fwd(x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w), kkio(net3_w),
-                        eps, interpret=_INTERPRET[backend], train=True)
+                        eps, interpret=TRITON_INTERPRET[backend], train=True)
 
 
 @_compress_train_op.register_fake
@@ -207,7 +204,7 @@ def _compress_backward_op(
     from deepencoder_kernels.kernels.compress import compress_bwd
 
     return compress_bwd(grad, x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w),
-                        kkio(net3_w), c1, stats1, c2, stats2, y3, interpret=_INTERPRET[backend])
+                        kkio(net3_w), c1, stats1, c2, stats2, y3, interpret=TRITON_INTERPRET[backend])
 
 
 @_compress_backward_op.register_fake

@@ -1,14 +1,13 @@
 """SAM attention with decomposed relative position, windowed or global."""
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, check_int, check_shape, check_tensor, derived, impl_of,
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, TRITON_INTERPRET, check_int, check_shape, check_tensor, derived, impl_of,
                       kernel_layout, needs_grad, run, triton_backends)
 
 OP = "rel_pos_attention"
@@ -169,10 +168,6 @@ def _fused_backward(dout, qkv, table_h, table_w, pad_kv, out, lse, num_heads, wi
     return dqkv, dth, dtw, dpad
 
 
-_TRAIN = {"triton": (functools.partial(_fused_train, interpret=False), functools.partial(_fused_backward, interpret=False)),
-          "triton-interpret": (functools.partial(_fused_train, interpret=True), functools.partial(_fused_backward, interpret=True))}
-
-
 @torch.library.custom_op(f"{LIBRARY}::{OP}_train", mutates_args=())
 def _rel_pos_attention_train_op(
     qkv: torch.Tensor,
@@ -185,7 +180,7 @@ def _rel_pos_attention_train_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward for training: ``(out, lse)``, lse the fp32 ``[B, heads, H, W]`` row logsumexp.
     Tables are ``2 S - 1`` rows long (resized by the caller, differentiably)."""
-    return _TRAIN[backend][0](qkv, table_h, table_w, num_heads, window_size, pad_kv)
+    return _fused_train(qkv, table_h, table_w, num_heads, window_size, pad_kv, interpret=TRITON_INTERPRET[backend])
 
 
 @_rel_pos_attention_train_op.register_fake
@@ -208,7 +203,8 @@ def _rel_pos_attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dqkv, d table_h fp32, d table_w fp32, d pad_kv fp32 [3C])``."""
-    return _TRAIN[backend][1](dout, qkv, table_h, table_w, pad_kv, out, lse, num_heads, window_size)
+    return _fused_backward(dout, qkv, table_h, table_w, pad_kv, out, lse, num_heads, window_size,
+                           interpret=TRITON_INTERPRET[backend])
 
 
 @_rel_pos_attention_backward_op.register_fake

@@ -1,7 +1,6 @@
 """Attention over packed variable-length sequences, with an optional per-sequence SAM rel-pos bias."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -9,7 +8,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
-from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, capturing, check_cu_seqlens, check_int, check_shape, check_tensor,
+from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, TRITON_INTERPRET, capturing, check_cu_seqlens, check_int, check_shape, check_tensor,
                       derived, impl_of, kernel_layout, needs_grad, run, triton_backends)
 
 OP = "varlen_attention"
@@ -250,10 +249,6 @@ def varlen_bwd_block_m(max_side: int) -> int:
     return varlen_attention_bwd_config(True, max_side, max_side)[0]["BLOCK_M"]
 
 
-_TRAIN = {"triton": (functools.partial(_fused_train, interpret=False), functools.partial(_fused_backward, interpret=False)),
-          "triton-interpret": (functools.partial(_fused_train, interpret=True), functools.partial(_fused_backward, interpret=True))}
-
-
 @torch.library.custom_op(f"{LIBRARY}::{OP}_train", mutates_args=())
 def _varlen_attention_train_op(
     q: torch.Tensor,
@@ -270,7 +265,8 @@ def _varlen_attention_train_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward for training: ``(out, lse fp32 [total, heads])``; with the bias, ``tables_*``
     are the packed tables (every side 1..max_side, side ``s`` at row ``(s - 1)^2``)."""
-    return _TRAIN[backend][0](q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side)
+    return _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
+                        interpret=TRITON_INTERPRET[backend])
 
 
 @_varlen_attention_train_op.register_fake
@@ -296,7 +292,8 @@ def _varlen_attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, d tables_h fp32, d tables_w fp32)``; the table gradients are ``[0, d]`` without the bias."""
-    return _TRAIN[backend][1](dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side)
+    return _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
+                           interpret=TRITON_INTERPRET[backend])
 
 
 @_varlen_attention_backward_op.register_fake
