@@ -1,0 +1,187 @@
+"""The ``sdpa-blocked`` backend: SAM's rel-pos attention on the CPU with no dense bias.
+
+Upstream (and the reference) add a dense ``[S, heads, N, N]`` bias to the scores: at a Base global
+block that is 12 x 4096 x 4096 values, 805 MB in fp32, written fresh for every block (first-touch
+page faults cost more than the adds) and read back once by SDPA. Here the bias exists one block of
+query rows at a time, in one buffer reused for every block:
+
+    bias[s, h, i, (y', x')] = rel_h[s, h, i, y'] + rel_w[s, h, i, x']     (i in the block's rows)
+
+``rel_h = q . Rh`` and ``rel_w = q . Rw`` (the unscaled q, as upstream) are the small decomposed
+terms (``[S, heads, N, h]`` and ``[S, heads, N, w]``), computed once per call with upstream's two
+einsums in q's dtype; each block's bias is their broadcast sum written into the buffer, and torch's
+SDPA (its CPU flash kernel) runs that block's query rows against every key with it as the additive
+mask. Every row sees the same bias values and the same key/value split as in one dense call, so the
+output equals the reference's to rounding (bit for bit in the cases measured).
+
+Windowed blocks: padded windows are built with one copy straight into the head-major layout SDPA
+reads (padded tokens carry ``pad_kv``, unmasked, as upstream's zero-padded tokens after the qkv
+Linear), and each block's output lands in its place of the padded grid, cropped once at the end.
+
+Block sizes come from :func:`plan`: whole sequences (windows) per block while their bias fits
+``BIAS_BLOCK_ELEMENTS``, else fewer heads, else a run of query rows (a multiple of
+``ROW_QUANTUM``, the flash kernel's query split for long queries). Forward only: autograd falls back
+to the reference (the backend is registered non-differentiable).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+
+# Elements of one block's bias: 8 Mi = 32 MiB in fp32, 16 MiB in bf16/fp16 (vs 805 MB dense at a Base
+# global block). Chosen by measurement (benchmarks/bench_cpu.py --sweep): smaller blocks re-read the
+# keys and values more often and call SDPA more times; larger ones leave the caches.
+BIAS_BLOCK_ELEMENTS = 1 << 23
+ROW_QUANTUM = 256
+
+
+def plan(seqs: int, heads: int, n: int, budget: int | None = None) -> tuple[int, int, int]:
+    """(sequences, heads, query rows) per block for ``seqs`` sequences of ``n`` tokens and ``heads``
+    heads, so that one block's bias (their product times ``n``) stays within ``budget`` elements
+    (at least one row of one head of one sequence)."""
+    budget = BIAS_BLOCK_ELEMENTS if budget is None else budget
+    per_head = n * n
+    if per_head * heads <= budget:
+        return max(1, min(seqs, budget // (per_head * heads))), heads, n
+    if per_head <= budget:
+        return 1, budget // per_head, n
+    rows = budget // n
+    rows = rows // ROW_QUANTUM * ROW_QUANTUM if rows >= ROW_QUANTUM else max(1, rows)
+    return 1, 1, min(n, rows)
+
+
+def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int):
+    """``q`` ``[S, heads, h*w, d]`` (unscaled) -> (``rel_h`` ``[S, heads, h*w, h]``, ``rel_w``
+    ``[S, heads, h*w, w]``), contiguous, in q's dtype: upstream's einsums with tables resized as it does."""
+    S, nh, N, d = q.shape
+    Rh = reference.rel_pos_lookup(h, rel_pos_h).to(q.dtype)
+    Rw = reference.rel_pos_lookup(w, rel_pos_w).to(q.dtype)
+    r_q = q.reshape(S * nh, h, w, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).contiguous().view(S, nh, N, h)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).contiguous().view(S, nh, N, w)
+    return rel_h, rel_w
+
+
+def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: float | None = None) -> None:
+    """Blocked ``softmax(scale q k^T + rel_h + rel_w) v`` written into ``out``.
+
+    q, k, v: ``[S, heads, N, d]`` (unit stride in d); rel_h ``[S, heads, N, h]`` and rel_w
+    ``[S, heads, N, w]`` (N = h * w, keys in row-major grid order), or both None for no bias;
+    ``out``: ``[S, heads, N, d]``, any strides (each block's rows are copied into their view)."""
+    S, nh, N, _ = q.shape
+    if rel_h is None:
+        out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))   # no bias: nothing to block
+        return
+    seqs, heads, rows = plan(S, nh, N)
+    buf = q.new_empty(seqs * heads * rows * N)
+    for s0 in range(0, S, seqs):
+        s1 = min(S, s0 + seqs)
+        for h0 in range(0, nh, heads):
+            h1 = min(nh, h0 + heads)
+            for r0 in range(0, N, rows):
+                r1 = min(N, r0 + rows)
+                bias = buf[: (s1 - s0) * (h1 - h0) * (r1 - r0) * N].view(s1 - s0, h1 - h0, r1 - r0, h, w)
+                torch.add(rel_h[s0:s1, h0:h1, r0:r1, :, None], rel_w[s0:s1, h0:h1, r0:r1, None, :], out=bias)
+                o = F.scaled_dot_product_attention(q[s0:s1, h0:h1, r0:r1], k[s0:s1, h0:h1], v[s0:s1, h0:h1],
+                                                   attn_mask=bias.view(s1 - s0, h1 - h0, r1 - r0, N), scale=scale)
+                out[s0:s1, h0:h1, r0:r1].copy_(o)
+
+
+def _real_parts(H: int, W: int, window: int):
+    """The real grid as at most four rectangles of whole or partial windows: (window rows i0:i1,
+    rows per window ny, first grid row y0; window columns j0:j1, columns per window nx, x0)."""
+    fh, rh = divmod(H, window)
+    fw, rw = divmod(W, window)
+    for i0, i1, ny in ((0, fh, window), (fh, fh + 1, rh)):
+        for j0, j1, nx in ((0, fw, window), (fw, fw + 1, rw)):
+            if i1 > i0 and ny and j1 > j0 and nx:
+                yield i0, i1, ny, i0 * window, j0, j1, nx, j0 * window
+
+
+def _window_grid(t: torch.Tensor, B: int, nwh: int, nww: int, window: int) -> torch.Tensor:
+    """``t`` ``[..., B * nWh * nWw, heads, window^2, d]`` (windows row-major, head-major inside) seen as
+    the padded grid split into windows: ``[B, nWh, window, nWw, window, ..., heads, d]`` (a view)."""
+    lead = t.shape[:-4]
+    heads, d = t.shape[-3], t.shape[-1]
+    t = t.view(*lead, B, nwh, nww, heads, window, window, d)
+    n = len(lead)
+    return t.permute(n, n + 1, n + 4, n + 2, n + 5, *range(n), n + 3, n + 6)
+
+
+def _windows(qkv: torch.Tensor, window: int, pad_kv: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+    """[B, H, W, 3C] -> [3, B * nWh * nWw, heads, window^2, d]: padded windows (row-major) in the
+    head-major layout SDPA reads, padded tokens = ``pad_kv`` (zeros when None). One pass of writes:
+    the real tokens and the padding go straight to their windows."""
+    B, H, W, C3 = qkv.shape
+    d = C3 // (3 * num_heads)
+    Hp, Wp = reference.padded_size(H, window), reference.padded_size(W, window)
+    nwh, nww = Hp // window, Wp // window
+    out = qkv.new_empty(3, B * nwh * nww, num_heads, window * window, d)
+    grid = _window_grid(out, B, nwh, nww, window)     # [B, nWh, ws, nWw, ws, 3, heads, d]
+    src = qkv.view(B, H, W, 3, num_heads, d)
+    for i0, i1, ny, y0, j0, j1, nx, x0 in _real_parts(H, W, window):
+        part = src[:, y0:y0 + (i1 - i0) * ny, x0:x0 + (j1 - j0) * nx]
+        grid[:, i0:i1, :ny, j0:j1, :nx] = part.reshape(B, i1 - i0, ny, j1 - j0, nx, 3, num_heads, d)
+    fh, rh = divmod(H, window)
+    fw, rw = divmod(W, window)
+    if rh or rw:
+        fill = qkv.new_zeros(()) if pad_kv is None else pad_kv.to(qkv.dtype).view(3, num_heads, d)
+        if rh:
+            grid[:, fh, rh:] = fill              # the last window row's padded rows
+        if rw:
+            grid[:, :, :, fw, rw:] = fill        # the last window column's padded columns
+    return out
+
+
+def _unpartition(windows: torch.Tensor, B: int, H: int, W: int, window: int) -> torch.Tensor:
+    """[B * nWh * nWw, heads, window^2, d] -> [B, H, W, heads * d], padding dropped, one copy."""
+    heads, d = windows.shape[1], windows.shape[3]
+    nwh, nww = reference.padded_size(H, window) // window, reference.padded_size(W, window) // window
+    grid = _window_grid(windows, B, nwh, nww, window)   # [B, nWh, ws, nWw, ws, heads, d]
+    out = windows.new_empty(B, H, W, heads, d)
+    for i0, i1, ny, y0, j0, j1, nx, x0 in _real_parts(H, W, window):
+        dst = out[:, y0:y0 + (i1 - i0) * ny, x0:x0 + (j1 - j0) * nx]
+        dst.view(B, i1 - i0, ny, j1 - j0, nx, heads, d).copy_(grid[:, i0:i1, :ny, j0:j1, :nx])
+    return out.view(B, H, W, heads * d)
+
+
+def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: int = 0, pad_kv=None):
+    """Same contract and result as :func:`deepencoder_kernels.reference.rel_pos_attention`."""
+    B, H, W, C3 = qkv.shape
+    d = C3 // (3 * num_heads)
+    if window_size:
+        q, k, v = _windows(qkv, window_size, pad_kv, num_heads).unbind(0)
+        out = torch.empty_like(q)
+        rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, window_size, window_size)
+        attention(q, k, v, rel_h, rel_w, window_size, window_size, out)
+        return _unpartition(out, B, H, W, window_size)
+    q, k, v = qkv.view(B, H * W, 3, num_heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    out = qkv.new_empty(B, H, W, num_heads, d)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, H, W)
+    attention(q, k, v, rel_h, rel_w, H, W, out.view(B, H * W, num_heads, d).transpose(1, 2))
+    return out.view(B, H, W, num_heads * d)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side):
+    """Same contract and result as :func:`deepencoder_kernels.reference.varlen_attention`: each
+    sequence alone, its rel-pos bias (if any) built one block of rows at a time."""
+    total, heads, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    bounds = cu_seqlens.tolist()
+    grids = grid_hw.tolist() if grid_hw is not None else None
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end == start:
+            continue
+        qi, ki, vi = (t[start:end].transpose(0, 1).contiguous()[None] for t in (q, k, v))   # [1, heads, n, d]
+        rel_h = rel_w = None
+        h = w = 0
+        if rel_pos_h is not None:
+            h, w = grids[i]
+            rel_h, rel_w = rel_pos_terms(qi, rel_pos_h, rel_pos_w, h, w)
+        attention(qi, ki, vi, rel_h, rel_w, h, w, out[start:end].transpose(0, 1)[None], scale=scale)
+    return out
