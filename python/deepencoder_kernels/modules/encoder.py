@@ -224,15 +224,12 @@ class DeepEncoderV2(_PageEncoder):
 
     def view_features(self, pixel_groups: list[torch.Tensor], stage=nvtx_stage) -> list[torch.Tensor]:
         """Views of each size (``pixel_groups[g]``: ``[B_g, 3, S_g, S_g]``, S_g 768 or 1024) -> their
-        projected query outputs ``[B_g, n_g, 1280]``: the trunk (global blocks packed across sizes), one
-        compress per size, one packed causal-flow pass over every view, the projector."""
+        projected query outputs ``[B_g, n_g, 1280]``: the trunk and compress per size (V2 has two sizes,
+        each a batch at the fixed-grid kernels), then one packed causal-flow pass over every view and the
+        projector."""
         for i, pixels in enumerate(pixel_groups):
             cfg.check_v2_view_size(check_pixels(pixels, f"pixel_groups[{i}]"), f"pixel_groups[{i}]'s side")
-        if len(pixel_groups) == 1:
-            trunks = [self.sam_model.trunk(pixel_groups[0], stage)]
-        else:
-            trunks = self.sam_model.trunk_groups(pixel_groups, stage)
-        tokens = [self.sam_model.tokens(None, stage, trunk) for trunk in trunks]      # [B_g, n_g, 896]
+        tokens = [self.sam_model.tokens(pixels, stage) for pixels in pixel_groups]    # [B_g, n_g, 896]
         n = sum(t.shape[0] * t.shape[1] for t in tokens)
         with stage("causal flow", n, n):
             flows = self.qwen2_model.from_token_groups(tokens)
