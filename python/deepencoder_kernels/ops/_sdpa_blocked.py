@@ -42,8 +42,8 @@ ROW_QUANTUM = 256
 def plan(seqs: int, heads: int, n: int, budget: int | None = None) -> tuple[int, int, int]:
     """(sequences, heads, query rows) per block for ``seqs`` sequences of ``n`` tokens and ``heads``
     heads, so that one block's bias (their product times ``n``) stays within ``budget`` elements
-    (at least one row of one head of one sequence)."""
-    budget = BIAS_BLOCK_ELEMENTS if budget is None else budget
+    (default :func:`bias_budget`; at least one row of one head of one sequence)."""
+    budget = bias_budget() if budget is None else budget
     per_head = n * n
     if per_head * heads <= budget:
         return max(1, min(seqs, budget // (per_head * heads))), heads, n
@@ -52,6 +52,14 @@ def plan(seqs: int, heads: int, n: int, budget: int | None = None) -> tuple[int,
     rows = budget // n
     rows = rows // ROW_QUANTUM * ROW_QUANTUM if rows >= ROW_QUANTUM else max(1, rows)
     return 1, 1, min(n, rows)
+
+
+def bias_budget() -> int:
+    """``BIAS_BLOCK_ELEMENTS``, grown with the intra-op threads past 4: SDPA parallelises a block over
+    its heads x query splits, and a Base global block of one head has 8 of them at the default size.
+    (While torch.compile traces, the default: the thread count is not traceable.)"""
+    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    return BIAS_BLOCK_ELEMENTS * max(1, threads // 4)
 
 
 def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int):
@@ -66,16 +74,33 @@ def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Ten
     return rel_h, rel_w
 
 
-def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: float | None = None) -> None:
-    """Blocked ``softmax(scale q k^T + rel_h + rel_w) v`` written into ``out``.
+def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: float | None = None,
+              prefix: int | None = None) -> None:
+    """Blocked ``softmax(scale q k^T + rel_h + rel_w [+ prefix-LM mask]) v`` written into ``out``.
 
-    q, k, v: ``[S, heads, N, d]`` (unit stride in d); rel_h ``[S, heads, N, h]`` and rel_w
-    ``[S, heads, N, w]`` (N = h * w, keys in row-major grid order), or both None for no bias;
-    ``out``: ``[S, heads, N, d]``, any strides (each block's rows are copied into their view)."""
+    q: ``[S, heads, N, d]``; k, v: ``[S, kv_heads, N, d]`` (``heads % kv_heads == 0``, query head
+    ``i`` reads kv head ``i // (heads // kv_heads)``), unit stride in d. rel_h ``[S, heads, N, h]`` and
+    rel_w ``[S, heads, N, w]`` (N = h * w, keys in row-major grid order), or both None for no bias.
+    ``prefix``: the prefix-LM mask (rows i < p see keys j < p, rows i >= p keys j < p or j <= i), or
+    None for none. ``out``: ``[S, heads, N, d]``, any strides (each block is copied into its view)."""
     S, nh, N, _ = q.shape
+    gqa = k.shape[1] != nh
     if rel_h is None:
-        out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))   # no bias: nothing to block
+        # no bias to build: image rows (or all rows) attend with no mask, the query rows of a
+        # prefix-LM with a [N - p, N] mask shared by the heads (not [N, N] per head)
+        if prefix is None or prefix >= N:
+            out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa))
+        elif prefix == 0:
+            out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, enable_gqa=gqa))
+        else:
+            p = prefix
+            out[:, :, :p].copy_(F.scaled_dot_product_attention(q[:, :, :p], k[:, :, :p], v[:, :, :p], scale=scale,
+                                                               enable_gqa=gqa))
+            mask = _prefix_mask(p, N, p, N, q.dtype, q.device)
+            out[:, :, p:].copy_(F.scaled_dot_product_attention(q[:, :, p:], k, v, attn_mask=mask, scale=scale, enable_gqa=gqa))
         return
+    if gqa:   # never in DeepEncoder (rel-pos is SAM's, GQA the causal flow's): plain repeated K/V
+        k, v = (t.repeat_interleave(nh // t.shape[1], dim=1) for t in (k, v))
     seqs, heads, rows = plan(S, nh, N)
     buf = q.new_empty(seqs * heads * rows * N)
     for s0 in range(0, S, seqs):
@@ -86,9 +111,24 @@ def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: f
                 r1 = min(N, r0 + rows)
                 bias = buf[: (s1 - s0) * (h1 - h0) * (r1 - r0) * N].view(s1 - s0, h1 - h0, r1 - r0, h, w)
                 torch.add(rel_h[s0:s1, h0:h1, r0:r1, :, None], rel_w[s0:s1, h0:h1, r0:r1, None, :], out=bias)
+                bias = bias.view(s1 - s0, h1 - h0, r1 - r0, N)
+                if prefix is not None and prefix < N:
+                    # the reference adds finfo.min: bias + min rounds to min, as masked_fill writes it
+                    bias.masked_fill_(_prefix_mask(prefix, N, r0, r1, torch.bool, q.device).logical_not(), torch.finfo(q.dtype).min)
                 o = F.scaled_dot_product_attention(q[s0:s1, h0:h1, r0:r1], k[s0:s1, h0:h1], v[s0:s1, h0:h1],
-                                                   attn_mask=bias.view(s1 - s0, h1 - h0, r1 - r0, N), scale=scale)
+                                                   attn_mask=bias, scale=scale)
                 out[s0:s1, h0:h1, r0:r1].copy_(o)
+
+
+def _prefix_mask(p: int, n: int, r0: int, r1: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Rows ``r0:r1`` of the prefix-LM mask over ``n`` keys: bool (True = visible), or additive
+    (0 visible, ``finfo(dtype).min`` not, as DeepSeek-OCR 2's mask) for a float ``dtype``."""
+    i = torch.arange(r0, r1, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    allowed = (j < p) | (j <= i)
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _real_parts(H: int, W: int, window: int):
@@ -166,22 +206,37 @@ def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: in
     return out.view(B, H, W, num_heads * d)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens=None,
+                     rope_cos=None, rope_sin=None):
     """Same contract and result as :func:`deepencoder_kernels.reference.varlen_attention`: each
-    sequence alone, its rel-pos bias (if any) built one block of rows at a time."""
+    sequence alone (no padding to the longest), its rel-pos bias built one block of rows at a time,
+    its prefix-LM mask only over the query rows, GQA read in place."""
     total, heads, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    num_seqs = cu_seqlens.shape[0] - 1
+    plain = rel_pos_h is None and prefix_lens is None and rope_cos is None
+    if plain and num_seqs and max_seqlen and num_seqs * max_seqlen == total:
+        # equal lengths (the only way they can sum to num_seqs * max_seqlen): one batched call, upstream CLIP's own
+        qb, kb, vb = (t.view(num_seqs, max_seqlen, t.shape[1], d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale, enable_gqa=k.shape[1] != heads)
+        return out.transpose(1, 2).reshape(total, heads, d)
     bounds = cu_seqlens.tolist()
-    grids = grid_hw.tolist() if grid_hw is not None else None
+    out = torch.empty_like(q) if bounds[0] == 0 and bounds[-1] == total else torch.zeros_like(q)
+    grids = grid_hw.tolist() if rel_pos_h is not None else None
+    prefixes = prefix_lens.tolist() if prefix_lens is not None else None
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if end == start:
+        n = end - start
+        if n <= 0:
             continue
-        qi, ki, vi = (t[start:end].transpose(0, 1).contiguous()[None] for t in (q, k, v))   # [1, heads, n, d]
+        qi, ki, vi = q[start:end], k[start:end], v[start:end]
+        if rope_cos is not None:
+            qi, ki = (reference.apply_rope(t[None], rope_cos[:n], rope_sin[:n])[0] for t in (qi, ki))
+        qi, ki, vi = (t.transpose(0, 1).contiguous()[None] for t in (qi, ki, vi))   # [1, heads, n, d]
         rel_h = rel_w = None
         h = w = 0
         if rel_pos_h is not None:
             h, w = grids[i]
             rel_h, rel_w = rel_pos_terms(qi, rel_pos_h, rel_pos_w, h, w)
-        attention(qi, ki, vi, rel_h, rel_w, h, w, out[start:end].transpose(0, 1)[None], scale=scale)
+        attention(qi, ki, vi, rel_h, rel_w, h, w, out[start:end].transpose(0, 1)[None], scale,
+                  None if prefixes is None else prefixes[i])
     return out

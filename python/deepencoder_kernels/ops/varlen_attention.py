@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
+from . import _sdpa_blocked
 from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, TRITON_INTERPRET, capturing, check_cu_seqlens, check_int, check_shape, check_tensor,
                       derived, impl_of, kernel_layout, needs_grad, run, triton_backends)
 
@@ -196,6 +197,19 @@ def _flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen, *args, **kwar
 
 
 dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
+
+
+def _beats_upstream(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, *rest) -> bool:
+    """sdpa-blocked beats upstream's code on rel-pos and prefix-LM calls and mixed lengths; a plain call over
+    equal lengths (upstream CLIP's) is the same single SDPA call as upstream's."""
+    prefix_lens, rope_cos = rest[1], rest[2]
+    return rel_pos_h is not None or prefix_lens is not None or rope_cos is not None or (cu_seqlens.shape[0] - 1) * max_seqlen != q.shape[0]
+
+
+# CPU: every sequence alone through SDPA (no padding to the longest), the rel-pos bias one block of rows
+# at a time, the prefix-LM mask only over the query rows (ops/_sdpa_blocked.py). Forward only.
+dispatch.register(OP, dispatch.Backend("sdpa-blocked", _sdpa_blocked.varlen_attention, ("cpu",), FLOAT_DTYPES,
+                                       faster_than_upstream=_beats_upstream))
 
 
 # ---- fused Triton backend --------------------------------------------------------------------
