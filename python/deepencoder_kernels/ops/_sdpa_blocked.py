@@ -75,14 +75,15 @@ def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Ten
 
 
 def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: float | None = None,
-              prefix: int | None = None) -> None:
+              prefix: int | None = None, budget: int | None = None) -> None:
     """Blocked ``softmax(scale q k^T + rel_h + rel_w [+ prefix-LM mask]) v`` written into ``out``.
 
     q: ``[S, heads, N, d]``; k, v: ``[S, kv_heads, N, d]`` (``heads % kv_heads == 0``, query head
     ``i`` reads kv head ``i // (heads // kv_heads)``), unit stride in d. rel_h ``[S, heads, N, h]`` and
     rel_w ``[S, heads, N, w]`` (N = h * w, keys in row-major grid order), or both None for no bias.
     ``prefix``: the prefix-LM mask (rows i < p see keys j < p, rows i >= p keys j < p or j <= i), or
-    None for none. ``out``: ``[S, heads, N, d]``, any strides (each block is copied into its view)."""
+    None for none. ``out``: ``[S, heads, N, d]``, any strides (each block is copied into its view).
+    ``budget``: bias elements per block (default :func:`bias_budget`)."""
     S, nh, N, _ = q.shape
     gqa = k.shape[1] != nh
     if rel_h is None:
@@ -101,7 +102,7 @@ def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: f
         return
     if gqa:   # never in DeepEncoder (rel-pos is SAM's, GQA the causal flow's): plain repeated K/V
         k, v = (t.repeat_interleave(nh // t.shape[1], dim=1) for t in (k, v))
-    seqs, heads, rows = plan(S, nh, N)
+    seqs, heads, rows = plan(S, nh, N, budget)
     buf = q.new_empty(seqs * heads * rows * N)
     for s0 in range(0, S, seqs):
         s1 = min(S, s0 + seqs)
@@ -189,20 +190,23 @@ def _unpartition(windows: torch.Tensor, B: int, H: int, W: int, window: int) -> 
     return out.view(B, H, W, heads * d)
 
 
-def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: int = 0, pad_kv=None):
-    """Same contract and result as :func:`deepencoder_kernels.reference.rel_pos_attention`."""
+def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: int = 0, pad_kv=None,
+                      budget: int | None = None):
+    """Same contract and result as :func:`deepencoder_kernels.reference.rel_pos_attention`
+    (``budget``: bias elements per block, default :func:`bias_budget`)."""
     B, H, W, C3 = qkv.shape
     d = C3 // (3 * num_heads)
     if window_size:
         q, k, v = _windows(qkv, window_size, pad_kv, num_heads).unbind(0)
         out = torch.empty_like(q)
         rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, window_size, window_size)
-        attention(q, k, v, rel_h, rel_w, window_size, window_size, out)
+        attention(q, k, v, rel_h, rel_w, window_size, window_size, out, budget=budget)
         return _unpartition(out, B, H, W, window_size)
-    q, k, v = qkv.view(B, H * W, 3, num_heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    # one copy to head-major q, k, v (qkv may be strided in all but its last dim)
+    q, k, v = qkv.view(B, H, W, 3, num_heads, d).permute(3, 0, 4, 1, 2, 5).contiguous().view(3, B, num_heads, H * W, d).unbind(0)
     out = qkv.new_empty(B, H, W, num_heads, d)
     rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, H, W)
-    attention(q, k, v, rel_h, rel_w, H, W, out.view(B, H * W, num_heads, d).transpose(1, 2))
+    attention(q, k, v, rel_h, rel_w, H, W, out.view(B, H * W, num_heads, d).transpose(1, 2), budget=budget)
     return out.view(B, H, W, num_heads * d)
 
 
