@@ -22,9 +22,17 @@ Block sizes come from :func:`plan`: whole sequences (windows) per block while th
 ``BIAS_BLOCK_ELEMENTS``, else fewer heads, else a run of query rows (a multiple of
 ``ROW_QUANTUM``, the flash kernel's query split for long queries). Forward only: autograd falls back
 to the reference (the backend is registered non-differentiable).
+
+Half precision on a CPU without matrix units for it (bf16 without AVX512-BF16 or AMX, fp16 without
+AMX-FP16: torch then emulates the matmuls, several times slower than fp32) is computed in fp32
+(:func:`compute_dtype`): q, k, v and the decomposed terms are converted in the copies made anyway,
+the bias is summed in fp32 (upstream rounds each term and the sum to the activation dtype), and the
+output is rounded once. Closer to the exact result than the reference, never further: tests hold it
+to FlashAttention's rule (at most twice the reference's own error in that dtype).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -62,12 +70,32 @@ def bias_budget() -> int:
     return BIAS_BLOCK_ELEMENTS * max(1, threads // 4)
 
 
-def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int):
+@functools.lru_cache(None)
+def _native_matmul(dtype: torch.dtype) -> bool:
+    cpu = torch.cpu
+    flag = lambda name: bool(getattr(cpu, name, lambda: False)())  # noqa: E731  (private probes: absent = no)
+    if dtype == torch.bfloat16:
+        return flag("_is_avx512_bf16_supported") or flag("_is_amx_tile_supported")
+    if dtype == torch.float16:
+        return flag("_is_amx_fp16_supported")
+    return True
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the attention runs in for activations of ``dtype``: fp32 for bf16/fp16 on a CPU
+    that emulates their matmuls, else ``dtype`` itself."""
+    return dtype if _native_matmul(dtype) else torch.float32
+
+
+def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int,
+                  act_dtype: torch.dtype | None = None):
     """``q`` ``[S, heads, h*w, d]`` (unscaled) -> (``rel_h`` ``[S, heads, h*w, h]``, ``rel_w``
-    ``[S, heads, h*w, w]``), contiguous, in q's dtype: upstream's einsums with tables resized as it does."""
+    ``[S, heads, h*w, w]``), contiguous, in q's dtype: upstream's einsums with tables resized as it
+    does and cast to the activation dtype ``act_dtype`` (default q's; q may be its fp32 copy)."""
     S, nh, N, d = q.shape
-    Rh = reference.rel_pos_lookup(h, rel_pos_h).to(q.dtype)
-    Rw = reference.rel_pos_lookup(w, rel_pos_w).to(q.dtype)
+    act_dtype = act_dtype or q.dtype
+    Rh = reference.rel_pos_lookup(h, rel_pos_h).to(act_dtype).to(q.dtype)
+    Rw = reference.rel_pos_lookup(w, rel_pos_w).to(act_dtype).to(q.dtype)
     r_q = q.reshape(S * nh, h, w, d)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).contiguous().view(S, nh, N, h)
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).contiguous().view(S, nh, N, w)
@@ -132,6 +160,11 @@ def _prefix_mask(p: int, n: int, r0: int, r1: int, dtype: torch.dtype, device) -
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A row-major copy of ``t`` in ``dtype``: layout and conversion in one pass."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
 def _real_parts(H: int, W: int, window: int):
     """The real grid as at most four rectangles of whole or partial windows: (window rows i0:i1,
     rows per window ny, first grid row y0; window columns j0:j1, columns per window nx, x0)."""
@@ -153,15 +186,15 @@ def _window_grid(t: torch.Tensor, B: int, nwh: int, nww: int, window: int) -> to
     return t.permute(n, n + 1, n + 4, n + 2, n + 5, *range(n), n + 3, n + 6)
 
 
-def _windows(qkv: torch.Tensor, window: int, pad_kv: torch.Tensor | None, num_heads: int) -> torch.Tensor:
-    """[B, H, W, 3C] -> [3, B * nWh * nWw, heads, window^2, d]: padded windows (row-major) in the
-    head-major layout SDPA reads, padded tokens = ``pad_kv`` (zeros when None). One pass of writes:
-    the real tokens and the padding go straight to their windows."""
+def _windows(qkv: torch.Tensor, window: int, pad_kv: torch.Tensor | None, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, W, 3C] -> [3, B * nWh * nWw, heads, window^2, d] in ``dtype``: padded windows (row-major)
+    in the head-major layout SDPA reads, padded tokens = ``pad_kv`` (zeros when None). One pass of
+    writes: the real tokens and the padding go straight to their windows."""
     B, H, W, C3 = qkv.shape
     d = C3 // (3 * num_heads)
     Hp, Wp = reference.padded_size(H, window), reference.padded_size(W, window)
     nwh, nww = Hp // window, Wp // window
-    out = qkv.new_empty(3, B * nwh * nww, num_heads, window * window, d)
+    out = qkv.new_empty(3, B * nwh * nww, num_heads, window * window, d, dtype=dtype)
     grid = _window_grid(out, B, nwh, nww, window)     # [B, nWh, ws, nWw, ws, 3, heads, d]
     src = qkv.view(B, H, W, 3, num_heads, d)
     for i0, i1, ny, y0, j0, j1, nx, x0 in _real_parts(H, W, window):
@@ -170,7 +203,7 @@ def _windows(qkv: torch.Tensor, window: int, pad_kv: torch.Tensor | None, num_he
     fh, rh = divmod(H, window)
     fw, rw = divmod(W, window)
     if rh or rw:
-        fill = qkv.new_zeros(()) if pad_kv is None else pad_kv.to(qkv.dtype).view(3, num_heads, d)
+        fill = out.new_zeros(()) if pad_kv is None else pad_kv.to(qkv.dtype).to(dtype).view(3, num_heads, d)
         if rh:
             grid[:, fh, rh:] = fill              # the last window row's padded rows
         if rw:
@@ -178,12 +211,12 @@ def _windows(qkv: torch.Tensor, window: int, pad_kv: torch.Tensor | None, num_he
     return out
 
 
-def _unpartition(windows: torch.Tensor, B: int, H: int, W: int, window: int) -> torch.Tensor:
-    """[B * nWh * nWw, heads, window^2, d] -> [B, H, W, heads * d], padding dropped, one copy."""
+def _unpartition(windows: torch.Tensor, B: int, H: int, W: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B * nWh * nWw, heads, window^2, d] -> [B, H, W, heads * d] in ``dtype``, padding dropped, one copy."""
     heads, d = windows.shape[1], windows.shape[3]
     nwh, nww = reference.padded_size(H, window) // window, reference.padded_size(W, window) // window
     grid = _window_grid(windows, B, nwh, nww, window)   # [B, nWh, ws, nWw, ws, heads, d]
-    out = windows.new_empty(B, H, W, heads, d)
+    out = windows.new_empty(B, H, W, heads, d, dtype=dtype)
     for i0, i1, ny, y0, j0, j1, nx, x0 in _real_parts(H, W, window):
         dst = out[:, y0:y0 + (i1 - i0) * ny, x0:x0 + (j1 - j0) * nx]
         dst.view(B, i1 - i0, ny, j1 - j0, nx, heads, d).copy_(grid[:, i0:i1, :ny, j0:j1, :nx])
@@ -196,16 +229,17 @@ def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: in
     (``budget``: bias elements per block, default :func:`bias_budget`)."""
     B, H, W, C3 = qkv.shape
     d = C3 // (3 * num_heads)
+    work = compute_dtype(qkv.dtype)
     if window_size:
-        q, k, v = _windows(qkv, window_size, pad_kv, num_heads).unbind(0)
+        q, k, v = _windows(qkv, window_size, pad_kv, num_heads, work).unbind(0)
         out = torch.empty_like(q)
-        rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, window_size, window_size)
+        rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, window_size, window_size, qkv.dtype)
         attention(q, k, v, rel_h, rel_w, window_size, window_size, out, budget=budget)
-        return _unpartition(out, B, H, W, window_size)
+        return _unpartition(out, B, H, W, window_size, qkv.dtype)
     # one copy to head-major q, k, v (qkv may be strided in all but its last dim)
-    q, k, v = qkv.view(B, H, W, 3, num_heads, d).permute(3, 0, 4, 1, 2, 5).contiguous().view(3, B, num_heads, H * W, d).unbind(0)
-    out = qkv.new_empty(B, H, W, num_heads, d)
-    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, H, W)
+    q, k, v = _dense(qkv.view(B, H, W, 3, num_heads, d).permute(3, 0, 4, 1, 2, 5), work).view(3, B, num_heads, H * W, d).unbind(0)
+    out = q.new_empty(B, H, W, num_heads, d, dtype=qkv.dtype)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, H, W, qkv.dtype)
     attention(q, k, v, rel_h, rel_w, H, W, out.view(B, H * W, num_heads, d).transpose(1, 2), budget=budget)
     return out.view(B, H, W, num_heads * d)
 
@@ -219,11 +253,12 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     num_seqs = cu_seqlens.shape[0] - 1
     plain = rel_pos_h is None and prefix_lens is None and rope_cos is None
+    work = compute_dtype(q.dtype)
     if plain and num_seqs and max_seqlen and num_seqs * max_seqlen == total:
         # equal lengths (the only way they can sum to num_seqs * max_seqlen): one batched call, upstream CLIP's own
-        qb, kb, vb = (t.view(num_seqs, max_seqlen, t.shape[1], d).transpose(1, 2) for t in (q, k, v))
+        qb, kb, vb = (t.view(num_seqs, max_seqlen, t.shape[1], d).transpose(1, 2).to(work) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale, enable_gqa=k.shape[1] != heads)
-        return out.transpose(1, 2).reshape(total, heads, d)
+        return out.transpose(1, 2).reshape(total, heads, d).to(q.dtype)
     bounds = cu_seqlens.tolist()
     out = torch.empty_like(q) if bounds[0] == 0 and bounds[-1] == total else torch.zeros_like(q)
     grids = grid_hw.tolist() if rel_pos_h is not None else None
@@ -235,12 +270,12 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_
         qi, ki, vi = q[start:end], k[start:end], v[start:end]
         if rope_cos is not None:
             qi, ki = (reference.apply_rope(t[None], rope_cos[:n], rope_sin[:n])[0] for t in (qi, ki))
-        qi, ki, vi = (t.transpose(0, 1).contiguous()[None] for t in (qi, ki, vi))   # [1, heads, n, d]
+        qi, ki, vi = (_dense(t.transpose(0, 1), work)[None] for t in (qi, ki, vi))   # [1, heads, n, d]
         rel_h = rel_w = None
         h = w = 0
         if rel_pos_h is not None:
             h, w = grids[i]
-            rel_h, rel_w = rel_pos_terms(qi, rel_pos_h, rel_pos_w, h, w)
+            rel_h, rel_w = rel_pos_terms(qi, rel_pos_h, rel_pos_w, h, w, q.dtype)
         attention(qi, ki, vi, rel_h, rel_w, h, w, out[start:end].transpose(0, 1)[None], scale,
                   None if prefixes is None else prefixes[i])
     return out

@@ -200,10 +200,12 @@ dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICE
 
 
 def _beats_upstream(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, *rest) -> bool:
-    """sdpa-blocked beats upstream's code on rel-pos and prefix-LM calls and mixed lengths; a plain call over
-    equal lengths (upstream CLIP's) is the same single SDPA call as upstream's."""
+    """sdpa-blocked beats upstream's code on rel-pos and prefix-LM calls, mixed lengths, and half precision
+    where the CPU emulates it (computed in fp32); a plain call over equal lengths in a native dtype (upstream
+    CLIP's) is the same single SDPA call as upstream's."""
     prefix_lens, rope_cos = rest[1], rest[2]
-    return rel_pos_h is not None or prefix_lens is not None or rope_cos is not None or (cu_seqlens.shape[0] - 1) * max_seqlen != q.shape[0]
+    return (rel_pos_h is not None or prefix_lens is not None or rope_cos is not None
+            or (cu_seqlens.shape[0] - 1) * max_seqlen != q.shape[0] or _sdpa_blocked.compute_dtype(q.dtype) != q.dtype)
 
 
 # CPU: every sequence alone through SDPA (no padding to the longest), the rel-pos bias one block of rows
