@@ -122,8 +122,8 @@ def test_real_global_grids(side, B, dtype):
 
 
 def test_base_global_grid_fp32():
-    """Base's global block: 4096 tokens in query-row blocks (2048 rows per head at the default budget)."""
-    assert blocked.plan(1, 12, 4096, blocked.BIAS_BLOCK_ELEMENTS) == (1, 1, 2048)
+    """Base's global block: 4096 tokens in query-row blocks (1024 rows per head at the default budget)."""
+    assert blocked.plan(1, 12, 4096, blocked.BIAS_BLOCK_ELEMENTS) == (1, 1, 1024)
     check(1, 64, 64, 12, 64, 0, torch.float32, table_rows=127)
 
 
@@ -352,5 +352,5 @@ def test_plan_respects_the_budget():
         s, h, r = blocked.plan(seqs, heads, n, budget)
         assert 1 <= s <= seqs and 1 <= h <= heads and 1 <= r <= n
         assert s * h * r * n <= max(budget, n), (seqs, heads, n, budget)
-    assert blocked.plan(25, 12, 196, 1 << 23) == (18, 12, 196)     # Base windows: 18 per block
-    assert blocked.plan(1, 12, 6400, 1 << 23) == (1, 1, 1280)      # Large global: 1280 query rows
+    assert blocked.plan(25, 12, 196, 1 << 22) == (9, 12, 196)      # Base windows: 9 per block
+    assert blocked.plan(1, 12, 6400, 1 << 22) == (1, 1, 512)       # Large global: 512 query rows
