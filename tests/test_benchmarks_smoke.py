@@ -32,3 +32,11 @@ def test_compress_benchmark_gpu_paths():
     rows = bench_compress.gpu_rows(REFERENCE, modes=("tiny",), batches=(1,))
     assert [r["impl"] for r in rows] == ["PyTorch NCHW", "PyTorch channels-last", "torch.compile", "fused (this package)",
                                          "fwd+bwd PyTorch NCHW", "fwd+bwd fused (this package)"]
+
+
+def test_end_to_end_benchmark_gpu_paths():
+    import bench_end_to_end
+
+    rows = bench_end_to_end.rows(REFERENCE, enc=small_encoder(), modes=("tiny",))
+    assert [r["impl"] for r in rows] == ["upstream's computation (reference)", "this package (fused)"]
+    assert rows[0]["tokens"] == 8 * (8 + 1) + 1 and rows[0]["views"] == 1 and rows[0]["max_abs_diff"] == 0   # both ran the reference here
