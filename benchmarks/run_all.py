@@ -1,5 +1,5 @@
 """Every benchmark in one command: results JSON per benchmark, one merged JSON, PNG plots, and the
-README's results section regenerated.
+benchmarks/RESULTS.md (and the README's headline table) regenerated.
 
     python benchmarks/run_all.py            # everything (the fused-path memory runs in Triton's
                                             # interpreter on a CPU machine: ~15 minutes there)
@@ -143,7 +143,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip the interpreter-heavy memory measurements")
     ap.add_argument("--plots-only", action="store_true", help="re-plot and re-render from the existing JSON files")
-    ap.add_argument("--no-render", action="store_true", help="leave README.md alone")
+    ap.add_argument("--no-render", action="store_true", help="leave benchmarks/RESULTS.md and README.md alone")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to profile (default: all)")
     ap.add_argument("--dry-run", action="store_true", help="rehearsal (scripts/gpu_check.sh --dry-run, which profiles first): packing counts, merge, plots")
     args = ap.parse_args()
