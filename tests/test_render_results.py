@@ -67,6 +67,31 @@ def test_gpu_rows_wait_for_a_gpu_run_then_show_its_times(tmp_path):
     assert "**Packed attention and encoder on the GPU** (NVIDIA H200, 2026-12-01" in md
 
 
+def test_headline_reads_each_gpu_benchmarks_own_format(tmp_path):
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    meta = dict(device="NVIDIA H200", date="2026-12-01")
+    (gpu / "end_to_end_NVIDIA_H200.json").write_text(json.dumps(dict(meta, rows=[
+        dict(model="v1", mode="base", impl="upstream's computation (reference)", ms=40.0),
+        dict(model="v1", mode="base", impl="this package (fused)", ms=10.0)])))
+    (gpu / "compress_timing_NVIDIA_H200.json").write_text(json.dumps(dict(meta, rows=[
+        dict(mode="base", batch=1, impl="PyTorch NCHW", ms=0.3), dict(mode="base", batch=1, impl="fused (this package)", ms=0.1),
+        dict(mode="base", batch=1, impl="fwd+bwd fused (this package)", ms=0.5), dict(mode="base", batch=32, impl="PyTorch NCHW", ms=9.0)])))
+    bench = lambda impl, ms: dict(params=dict(mode="base", block="global", batch=1, impl=impl), stats=dict(median=ms / 1e3),  # noqa: E731
+                                  extra_info=dict(device="NVIDIA H200"), name=f"test_rel_pos_attention[base-global-1-{impl}]")
+    (gpu / "rel_pos_attention_NVIDIA_H200.json").write_text(json.dumps(dict(datetime="2026-12-01T10:00:00", benchmarks=[
+        bench("fused", 0.25), bench("dense_sdpa", 1.0), bench("flex", 0.5)])))
+    rows = headline(render_copies(tmp_path, gpu)[1])
+    row = lambda start: next(r for r in rows if r.startswith("| " + start))  # noqa: E731
+    assert row("DeepEncoder v1") == ("| DeepEncoder v1, one Base view, end to end (bf16) | 10 ms | "
+                                     "upstream's computation (reference): 40 ms (4.00x) | NVIDIA H200, 2026-12-01 |")
+    assert row("Neck + compressor, Base, batch 1") == ("| Neck + compressor, Base, batch 1 | 0.1 ms | PyTorch NCHW: 0.3 ms (3.00x) | "
+                                                       "NVIDIA H200, 2026-12-01 |")
+    assert row("SAM attention, Base, global") == ("| SAM attention, Base, global block, batch 1 | 0.25 ms | dense-bias SDPA (upstream): "
+                                                  "1 ms (4.00x); FlexAttention: 0.5 ms (2.00x) | NVIDIA H200, 2026-12-01 |")
+    assert render_results.NOT_YET in row("SAM attention, Base, windowed")
+
+
 def test_unpack_puts_a_gpu_runs_results_back_one_file_each(tmp_path):
     all_json = tmp_path / "all_NVIDIA_H200.json"
     all_json.write_text(json.dumps({"packed_NVIDIA_H200": {"rows": []}, "tuned_NVIDIA_H200": {"entries": {}}}))
