@@ -135,11 +135,10 @@ STEPS = [
     Step("smoke", "smoke", 180, "every kernel at one real shape: compiles, matches the reference (SMOKE)",
          GPU_TESTS + PYTEST + " -m gpu -rs " + smoke_args(), PYTEST + " -m gpu " + smoke_args()),
     # -- headline benchmarks: warm medians, side by side in one run
-    Step("e2e-v1", "headline", 150, "DeepEncoder v1, a Base view end to end: upstream's computation vs the fused kernels",
+    Step("e2e-v1", "headline", 150, "DeepEncoder v1, a Base view end to end: upstream's computation vs this package",
          "{py} bench_end_to_end.py --modes base", cwd="benchmarks", needs="benchmarks/bench_end_to_end.py"),
-    # the lead's V2 page benchmark: rows with model "v2" in results/end_to_end*.json (render_results.py's headline)
-    Step("e2e-v2", "headline", 150, "DeepEncoder V2, a page end to end vs upstream's code",
-         "{py} bench_end_to_end_v2.py", cwd="benchmarks", needs="benchmarks/bench_end_to_end_v2.py"),
+    Step("e2e-v2", "headline", 150, "DeepEncoder V2, a page (dynamic tiles) end to end: upstream's computation vs this package",
+         "{py} bench_end_to_end.py --model v2", cwd="benchmarks", needs="benchmarks/bench_end_to_end.py"),
     Step("sam-attention", "headline", 180, "SAM rel-pos attention at Base (windowed, global; batch 1, 32) vs dense-bias SDPA, FlexAttention",
          PYTEST + " bench_rel_pos_attention.py -k 'base and not forward_backward' --benchmark-json {results}/rel_pos_attention_{tag}.json",
          cwd="benchmarks", needs="benchmarks/bench_rel_pos_attention.py"),

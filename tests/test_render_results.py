@@ -73,7 +73,9 @@ def test_headline_reads_each_gpu_benchmarks_own_format(tmp_path):
     meta = dict(device="NVIDIA H200", date="2026-12-01")
     (gpu / "end_to_end_NVIDIA_H200.json").write_text(json.dumps(dict(meta, rows=[
         dict(model="v1", mode="base", impl="upstream's computation (reference)", ms=40.0),
-        dict(model="v1", mode="base", impl="this package (fused)", ms=10.0)])))
+        dict(model="v1", mode="base", impl="this package", ms=10.0),
+        dict(model="v2", mode="dynamic", impl="upstream's computation (reference)", ms=90.0),
+        dict(model="v2", mode="dynamic", impl="this package", ms=30.0)])))
     (gpu / "compress_timing_NVIDIA_H200.json").write_text(json.dumps(dict(meta, rows=[
         dict(mode="base", batch=1, impl="PyTorch NCHW", ms=0.3), dict(mode="base", batch=1, impl="fused (this package)", ms=0.1),
         dict(mode="base", batch=1, impl="fwd+bwd fused (this package)", ms=0.5), dict(mode="base", batch=32, impl="PyTorch NCHW", ms=9.0)])))
@@ -85,6 +87,7 @@ def test_headline_reads_each_gpu_benchmarks_own_format(tmp_path):
     row = lambda start: next(r for r in rows if r.startswith("| " + start))  # noqa: E731
     assert row("DeepEncoder v1") == ("| DeepEncoder v1, one Base view, end to end (bf16) | 10 ms | "
                                      "upstream's computation (reference): 40 ms (4.00x) | NVIDIA H200, 2026-12-01 |")
+    assert "| 30 ms | upstream's computation (reference): 90 ms (3.00x) |" in row("DeepEncoder V2")
     assert row("Neck + compressor, Base, batch 1") == ("| Neck + compressor, Base, batch 1 | 0.1 ms | PyTorch NCHW: 0.3 ms (3.00x) | "
                                                        "NVIDIA H200, 2026-12-01 |")
     assert row("SAM attention, Base, global") == ("| SAM attention, Base, global block, batch 1 | 0.25 ms | dense-bias SDPA (upstream): "
