@@ -296,7 +296,8 @@ def headline_rows() -> list[list[str]]:
 
     gpu("DeepEncoder v1, one Base view, end to end (bf16)", "upstream's computation (the reference backend)",
         from_rows("end_to_end*.json", lambda r: r.get("model") == "v1" and r.get("mode") == "base"))
-    gpu("DeepEncoder V2, one page, end to end", "upstream's code", from_rows("end_to_end*.json", lambda r: r.get("model") == "v2"))
+    gpu("DeepEncoder V2, one page (dynamic tiles), end to end (bf16)", "upstream's computation (the reference backend)",
+        from_rows("end_to_end*.json", lambda r: r.get("model") == "v2"))
     gpu("SAM attention, Base, global block, batch 1", "dense-bias SDPA (upstream); FlexAttention", _sam_attention("global", 1))
     gpu("SAM attention, Base, windowed blocks, batch 1", "dense-bias SDPA (upstream)", _sam_attention("windowed", 1))
     gpu("CLIP attention, varlen over the mixed batch's 42 sequences", "padded SDPA + key mask; nested-tensor SDPA; flash-attn varlen",
