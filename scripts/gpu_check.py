@@ -149,7 +149,7 @@ STEPS = [
     Step("packed", "headline", 180, "CLIP varlen attention vs padded SDPA + mask, nested SDPA, flash-attn; the 42-view mixed batch vs the per-image loop",
          "{py} bench_packed.py", cwd="benchmarks", needs="benchmarks/bench_packed.py"),
     # -- the suite: the nvcc build only when its whole limit fits (the tests of the nvcc build need it)
-    Step("install-nvcc", "suite", 240, "the CUDA saccade kernels built by nvcc into the extension (only when the whole limit fits)",
+    Step("install-nvcc", "suite", 180, "the CUDA saccade kernels built by nvcc into the extension (only when the whole limit fits)",
          "bash scripts/gpu_install.sh --nvcc", None, "dry run: no nvcc build (CI builds the CUDA sources with NVRTC)", whole=True,
          setup=True),
     Step("pytest-gpu", "suite", 420, "pytest -m gpu: every kernel test at the real shapes, compiled; CUDA graphs, inductor",
