@@ -35,6 +35,12 @@ Exit: 0 every step done and nothing failed; 3 nothing failed but steps are left 
 summary names them and gives the command); 1 a step failed or ran past its own limit; 2 no GPU here
 or a wrong argument.
 
+On a lent machine (the session's device tool: $OUT comes back, build/ stays while the machine is warm):
+  bash scripts/gpu_check.sh                                   timeout_s 600: the first command
+  bash scripts/gpu_check.sh --resume build/gpu_check --budget 200   what it left, if time remains
+(a fresh machine keeps nothing: copy the files that came back into a folder of the tree, carry it,
+--resume that folder; the install steps then run again before the steps that were left).
+
 The steps are data: STEPS in scripts/gpu_check.py, one line each. A benchmark not written yet is one
 line whose script is absent: reported "not present", not a failure. The smoke test's kernels: SMOKE.
 """
@@ -43,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
