@@ -129,18 +129,23 @@ class UpstreamVitModel(nn.Module):
         return self.transformer(self.pre_layrnorm(self.embeddings(pixels, patch_embeds)))
 
 
-class UpstreamDeepEncoderFull(nn.Module):
-    """DeepSeek-OCR's vision half at full size with the checkpoint's names."""
+FULL_SIZE = dict(sam=dict(dim=cfg.SAM_DIM, depth=cfg.SAM_DEPTH, num_heads=cfg.SAM_HEADS, window_size=cfg.SAM_WINDOW,
+                          global_blocks=cfg.SAM_GLOBAL_BLOCKS, pos_grid=cfg.SAM_POS_GRID, cn=cfg.SAM_NECK_DIM, c3=cfg.SAM_OUT_DIM),
+                 clip=dict(dim=cfg.CLIP_DIM, depth=cfg.CLIP_DEPTH, heads=cfg.CLIP_HEADS, hidden=cfg.CLIP_MLP_DIM),
+                 projector=(cfg.PROJ_IN, cfg.PROJ_OUT))
 
-    def __init__(self):
+
+class UpstreamDeepEncoderFull(nn.Module):
+    """DeepSeek-OCR's vision half with the checkpoint's names, full size by default (``sizes``: the
+    keyword arguments of its parts, as :data:`FULL_SIZE`; the tests build a narrow one)."""
+
+    def __init__(self, sizes: dict = FULL_SIZE):
         super().__init__()
-        self.sam_model = UpstreamImageEncoderViT(dim=cfg.SAM_DIM, depth=cfg.SAM_DEPTH, num_heads=cfg.SAM_HEADS,
-                                                 window_size=cfg.SAM_WINDOW, global_blocks=cfg.SAM_GLOBAL_BLOCKS,
-                                                 pos_grid=cfg.SAM_POS_GRID, cn=cfg.SAM_NECK_DIM, c3=cfg.SAM_OUT_DIM)
-        self.vision_model = UpstreamVitModel()
-        self.projector = UpstreamProjector(cfg.PROJ_IN, cfg.PROJ_OUT)
-        self.image_newline = nn.Parameter(torch.zeros(cfg.PROJ_OUT))
-        self.view_seperator = nn.Parameter(torch.zeros(cfg.PROJ_OUT))
+        self.sam_model = UpstreamImageEncoderViT(**sizes["sam"])
+        self.vision_model = UpstreamVitModel(**sizes["clip"])
+        self.projector = UpstreamProjector(*sizes["projector"])
+        self.image_newline = nn.Parameter(torch.zeros(sizes["projector"][1]))
+        self.view_seperator = nn.Parameter(torch.zeros(sizes["projector"][1]))
 
     def forward(self, pixels):
         """Views [B, 3, S, S] -> [B, h * (w + 1) + 1, 1280]: features, newline after every row, separator."""
@@ -153,10 +158,10 @@ class UpstreamDeepEncoderFull(nn.Module):
         return torch.cat([rows, self.view_seperator.expand(B, 1, D)], dim=1)
 
 
-def upstream_sharing(enc: nn.Module) -> UpstreamDeepEncoderFull:
+def upstream_sharing(enc: nn.Module, sizes: dict = FULL_SIZE) -> UpstreamDeepEncoderFull:
     """The upstream model on ``enc``'s very parameter tensors (no copy): same names, same shapes."""
     with torch.device("meta"):
-        up = UpstreamDeepEncoderFull()
+        up = UpstreamDeepEncoderFull(sizes)
     up.vision_model.embeddings.register_buffer("position_ids", torch.arange(cfg.CLIP_POS_GRID ** 2 + 1)[None],
                                                persistent=False)
     for name, p in enc.named_parameters():
@@ -298,8 +303,8 @@ def block_peaks(enc, up, side: int, index: int, dtype, part: str = "block") -> d
     out = {}
     for variant in VARIANTS:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            x = mode.from_tensor(torch.empty(1, side, side, cfg.SAM_DIM, dtype=dtype))
             block = enc.sam_model.blocks[index] if variant == "package" else up.sam_model.blocks[index]
+            x = mode.from_tensor(torch.empty(1, side, side, block.norm1.normalized_shape[0], dtype=dtype))
             report = dk.accelerate(block) if variant == "accelerated" else None
             if part == "attention":
                 # the accelerated block's attention is its patched forward minus the norms and MLP: run the
@@ -318,6 +323,48 @@ def block_peaks(enc, up, side: int, index: int, dtype, part: str = "block") -> d
                     dk.restore(block)
         out[variant] = t.peak
     return out
+
+
+# ---- the packed varlen op: encode_batch's SAM global blocks and CLIP, DeepEncoder V2's causal flow ------
+
+def varlen_cases(dtype, g) -> dict:
+    """Packed calls as the encoders make them, for the op on ``reference`` (upstream's computation:
+    a dense bias / mask per sequence, padded chunks) and on this CPU's auto backend."""
+    rnd = lambda *shape: (torch.randn(*shape, generator=g) * 0.5).to(dtype)  # noqa: E731
+    cu = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    cases = {}
+    grids = [(32, 32), (40, 40), (64, 64)]          # Tiny + Small + Base views' SAM global attention, packed
+    n = [h * w for h, w in grids]
+    cases["SAM global, packed Tiny+Small+Base grids"] = (
+        (rnd(sum(n), 12, 64), rnd(sum(n), 12, 64), rnd(sum(n), 12, 64), cu(n), max(n)),
+        dict(rel_pos_h=rnd(127, 64), rel_pos_w=rnd(127, 64), grid_hw=torch.tensor(grids, dtype=torch.int32)))
+    n = [65, 101, 257, 401, 101, 101]               # CLIP over Tiny, Small, Base, Large and two Gundam tiles
+    cases["CLIP, packed mixed lengths"] = ((rnd(sum(n), 16, 64), rnd(sum(n), 16, 64), rnd(sum(n), 16, 64), cu(n), max(n)), {})
+    n, p = [512, 288, 288], [256, 144, 144]         # V2: a 1024 view + two 768 tiles, [image tokens; queries]
+    cos, sin = dk.reference.rope_tables(512, 64, cfg.CAUSAL_FLOW_ROPE_THETA, dtype)
+    cases["V2 causal flow, prefix-LM (1024 view + two 768 tiles)"] = (
+        (rnd(sum(n), cfg.CAUSAL_FLOW_HEADS, 64), rnd(sum(n), cfg.CAUSAL_FLOW_KV_HEADS, 64), rnd(sum(n), cfg.CAUSAL_FLOW_KV_HEADS, 64),
+         cu(n), max(n)), dict(prefix_lens=torch.tensor(p, dtype=torch.int32), rope_cos=cos, rope_sin=sin))
+    return cases
+
+
+def run_varlen(clock: Clock, rounds: int, dtype, g, log, cases=varlen_cases) -> list[dict]:
+    rows = []
+    for name, (args, kwargs) in cases(dtype, g).items():
+        def call(kind):
+            with torch.inference_mode(), dk.backend(kind):
+                t0 = clock.now()
+                dk.ops.varlen_attention(*args, check_values=False, **kwargs)
+                return clock.now() - t0
+        call("reference"), call("auto")
+        backend = dk.last_backends()["varlen_attention"].backend
+        pairs = [(call("reference"), call("auto")) for _ in range(rounds)]
+        rows.append({"case": f"varlen/{str(dtype).replace('torch.', '')}/{name}", "backend": backend, "rounds": rounds,
+                     "seconds": {"reference": statistics.median(r for r, _ in pairs), backend: statistics.median(o for _, o in pairs)},
+                     "speedup_vs_reference": statistics.median(r / o for r, o in pairs), "load_average": [os.getloadavg()[0]]})
+        log(f"  {rows[-1]['case']}: reference {rows[-1]['seconds']['reference'] * 1e3:.1f} ms, {backend} "
+            f"{rows[-1]['seconds'][backend] * 1e3:.1f} ms ({rows[-1]['speedup_vs_reference']:.2f}x)")
+    return rows
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -369,6 +416,7 @@ def main(argv=None) -> int:
                                       ("global", cfg.SAM_GLOBAL_BLOCKS[0], "attention")):
                 rows.append({"case": f"{mode}/{name}/{kind} {part}/peak bytes", "peak_bytes": block_peaks(enc, up, side, index, dtype, part)})
         del enc, up
+        rows += run_varlen(clock, max(3, rounds), dtype, g, log)
 
     meta = {"threads": threads, "clock": clock.kind, "cpus": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -380,7 +428,9 @@ def main(argv=None) -> int:
     path = RESULTS / f"{args.out or f'cpu_vs_upstream_{threads}t'}.json"
     path.write_text(json.dumps({**device_info(), **meta, "rows": rows}, indent=1))
     for row in rows:
-        if "speedup" in row:
+        if "speedup_vs_reference" in row:
+            log(f"{row['case']:<60} {row['speedup_vs_reference']:.2f}x vs the reference")
+        elif "speedup" in row:
             log(f"{row['case']:<28} upstream {row['seconds']['upstream']:.2f}s  package {row['speedup']['package']:.2f}x  "
                 f"accelerated {row['speedup']['accelerated']:.2f}x  (load {statistics.median(row['load_average']):.1f})")
         else:

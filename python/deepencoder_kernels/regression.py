@@ -181,7 +181,9 @@ def _upstream_rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, windo
     n = h * w
     q, k, v = qkv.reshape(S, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4).reshape(3, S * num_heads, n, -1).unbind(0)
 
-    def lookup(size, table):
+    def lookup(size, table):   # tables as the checkpoint has them for these grids: no resize
+        if table.shape[0] != 2 * size - 1:
+            raise ValueError(f"a rel-pos table of {table.shape[0]} rows for a side of {size}: expected {2 * size - 1}")
         coords = torch.arange(size)
         return table[coords[:, None] - coords[None, :] + size - 1]
     r_q = q.reshape(S * num_heads, h, w, -1)

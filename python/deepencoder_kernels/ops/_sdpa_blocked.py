@@ -40,9 +40,11 @@ import torch.nn.functional as F
 
 from .. import reference
 
-# Elements of one block's bias: 4 Mi = 16 MiB in fp32 (vs 805 MB dense at a Base global block: 1024 query
-# rows of one head; 9 windows of 12 heads). Measured at Base, fp32, one thread (CPU s, medians of 3-5):
-# global 1.07 (4 Mi) / 1.19 (8 Mi) / 1.21 (2 Mi), windowed 0.147 / 0.143 / 0.144, vs upstream's 1.64 / 0.270.
+# Elements of one block's bias: 4 Mi = 16 MiB in fp32 (vs 805 MB dense at a Base global block): 1024 query
+# rows of one head there, 9 windows of 12 heads in a windowed block. Measured at Base, fp32, one thread, CPU
+# seconds, medians of 3-5 interleaved runs, two sweeps on a loaded 2-core EPYC: global 1.21 / 1.07 / 1.08-1.19
+# / 1.08 at 2 / 4 / 8 / 16 Mi, windowed 0.116-0.147 at 1-4 Mi and 0.143-0.148 at 8 Mi (upstream: 1.64-1.70 and
+# 0.227-0.270), flat within the noise; 4 Mi is the smallest budget at the best times.
 BIAS_BLOCK_ELEMENTS = 1 << 22
 ROW_QUANTUM = 256
 
@@ -64,7 +66,7 @@ def plan(seqs: int, heads: int, n: int, budget: int | None = None) -> tuple[int,
 
 def bias_budget() -> int:
     """``BIAS_BLOCK_ELEMENTS``, grown with the intra-op threads past 4: SDPA parallelises a block over
-    its heads x query splits, and a Base global block of one head has 8 of them at the default size.
+    its heads x query splits, and a Base global block of one head has 4 of them at the default size.
     (While torch.compile traces, the default: the thread count is not traceable.)"""
     threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
     return BIAS_BLOCK_ELEMENTS * max(1, threads // 4)
