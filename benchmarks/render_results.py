@@ -262,26 +262,30 @@ def cpu_vs_upstream_section(path: Path) -> list[str]:
 
 
 def cpu_headline_rows() -> list[list[str]]:
-    """Headline rows of bench_cpu.py's results: whole views in fp32, bf16 blocks, the global attention's peak."""
-    rows = []
+    """Headline rows of bench_cpu.py's results (one file per thread count): a Base view in fp32 and a
+    global + windowed SAM block in bf16, then once the global attention's counted peak."""
+    rows, peak = [], None
     for path in found("cpu_vs_upstream_*.json"):
         m = json.loads(path.read_text())
-        on = f"{m['device']}, {m['threads']} thread(s), {m['date']}"
-        for r in m["rows"]:
-            what = {"base/float32/view": "DeepEncoder v1 on a CPU, one Base view, fp32",
-                    "tile640/float32/view": "DeepEncoder v1 on a CPU, one 640 px Gundam tile, fp32",
-                    "base/bfloat16/view": "DeepEncoder v1 on a CPU, one Base view, bf16",
-                    "base/bfloat16/global block": "CPU, one SAM global block at Base, bf16",
-                    "base/bfloat16/windowed block": "CPU, one SAM windowed block at Base, bf16"}.get(r["case"])
-            if what and "speedup" in r:
-                rows.append([what, f"{r['seconds']['package']:.2f} s ({r['speedup']['package']:.2f}x); "
-                             f"accelerate()d upstream {r['seconds']['accelerated']:.2f} s ({r['speedup']['accelerated']:.2f}x)",
-                             f"upstream's code: {r['seconds']['upstream']:.2f} s ({m['clock']})", on])
-            if r["case"] == "base/float32/global attention/peak bytes":
-                b = r["peak_bytes"]
-                rows.append(["CPU, SAM global attention at Base (qkv, attention, proj): activation peak (fp32)",
-                             f"{b['package'] / MiB:.0f} MiB", f"upstream's dense bias: {b['upstream'] / MiB:.0f} MiB "
-                             f"({b['upstream'] / b['package']:.1f}x)", f"counted, {m['date']}"])
+        on = f"{m['device']}, {m['threads']} thread(s), {m['clock']}, {m['date']}"
+        by = {r["case"]: r for r in m["rows"]}
+        view = by.get("base/float32/view")
+        if view:
+            rows.append(["DeepEncoder v1 on a CPU, one Base view, fp32 (same weights)",
+                         f"{view['seconds']['package']:.1f} s ({view['speedup']['package']:.2f}x); accelerate()d upstream "
+                         f"{view['seconds']['accelerated']:.1f} s ({view['speedup']['accelerated']:.2f}x)",
+                         f"upstream's code: {view['seconds']['upstream']:.1f} s", on])
+        blocks = [by.get(f"base/bfloat16/{kind} block") for kind in ("global", "windowed")]
+        if all(blocks):
+            rows.append(["CPU, one SAM global / windowed block at Base, bf16",
+                         " / ".join(f"{b['seconds']['package']:.2f} s ({b['speedup']['package']:.2f}x)" for b in blocks),
+                         "upstream's code: " + " / ".join(f"{b['seconds']['upstream']:.2f} s" for b in blocks), on])
+        peak = peak or (by.get("base/float32/global attention/peak bytes"), m["date"])
+    if peak and peak[0]:
+        b = peak[0]["peak_bytes"]
+        rows.append(["CPU, SAM global attention at Base (qkv, attention, proj): activation peak, fp32",
+                     f"{b['package'] / MiB:.0f} MiB", f"upstream's dense bias: {b['upstream'] / MiB:.0f} MiB "
+                     f"({b['upstream'] / b['package']:.1f}x)", f"counted, {peak[1]}"])
     return rows
 
 
