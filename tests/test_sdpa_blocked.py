@@ -354,3 +354,16 @@ def test_plan_respects_the_budget():
         assert s * h * r * n <= max(budget, n), (seqs, heads, n, budget)
     assert blocked.plan(25, 12, 196, 1 << 22) == (9, 12, 196)      # Base windows: 9 per block
     assert blocked.plan(1, 12, 6400, 1 << 22) == (1, 1, 512)       # Large global: 512 query rows
+
+
+def test_windows_exist_one_chunk_at_a_time():
+    """Windowed: a few window rows end to end, so the padded windows of the whole grid (what the
+    reference partitions at once) never exist together."""
+    heads, d, window = 2, 128, 14      # d 128: a window's q/k/v (3 x 196 x d) outweigh its bias (196 x 196)
+    qkv, th, tw, pad = make_inputs(1, 28, 26, heads, d, window, torch.float32)     # 2 x 2 windows, padded right
+    all_windows = 3 * 4 * heads * window * window * d * 4
+    with torch.inference_mode():
+        with MemoryTracker() as ours:
+            out = blocked.rel_pos_attention(qkv, th, tw, heads, window, pad, budget=2 * heads * window ** 4)
+        assert_close(out, ref.rel_pos_attention(qkv, th, tw, heads, window, pad), torch.float32)
+    assert ours.largest < all_windows and ours.largest == all_windows // 2      # one window row: 2 of the 4 windows

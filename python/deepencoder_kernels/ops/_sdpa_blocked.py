@@ -14,9 +14,10 @@ SDPA (its CPU flash kernel) runs that block's query rows against every key with 
 mask. Every row sees the same bias values and the same key/value split as in one dense call, so the
 output equals the reference's to rounding (bit for bit in the cases measured).
 
-Windowed blocks: padded windows are built with one copy straight into the head-major layout SDPA
-reads (padded tokens carry ``pad_kv``, unmasked, as upstream's zero-padded tokens after the qkv
-Linear), and each block's output lands in its place of the padded grid, cropped once at the end.
+Windowed blocks run a few window rows at a time, end to end: their padded windows built with one
+copy straight into the head-major layout SDPA reads (padded tokens carry ``pad_kv``, unmasked, as
+upstream's zero-padded tokens after the qkv Linear), attended, and copied back to their real tokens
+of the output: only one chunk's windows exist at once.
 
 Block sizes come from :func:`plan`: whole sequences (windows) per block while their bias fits
 ``BIAS_BLOCK_ELEMENTS``, else fewer heads, else a run of query rows (a multiple of
@@ -167,15 +168,17 @@ def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
-def _real_parts(H: int, W: int, window: int):
-    """The real grid as at most four rectangles of whole or partial windows: (window rows i0:i1,
-    rows per window ny, first grid row y0; window columns j0:j1, columns per window nx, x0)."""
+def _real_parts(H: int, W: int, window: int, rows: tuple[int, int]):
+    """The real grid within window rows ``rows`` (first, last + 1) as at most four rectangles of whole
+    or partial windows: (window rows i0:i1, grid rows per window ny; window columns j0:j1, grid
+    columns per window nx). Grid row ``i * window + y`` is row y of window row i, likewise columns."""
     fh, rh = divmod(H, window)
     fw, rw = divmod(W, window)
     for i0, i1, ny in ((0, fh, window), (fh, fh + 1, rh)):
+        i0, i1 = max(i0, rows[0]), min(i1, rows[1])
         for j0, j1, nx in ((0, fw, window), (fw, fw + 1, rw)):
             if i1 > i0 and ny and j1 > j0 and nx:
-                yield i0, i1, ny, i0 * window, j0, j1, nx, j0 * window
+                yield i0, i1, ny, j0, j1, nx
 
 
 def _window_grid(t: torch.Tensor, B: int, nwh: int, nww: int, window: int) -> torch.Tensor:
@@ -188,41 +191,45 @@ def _window_grid(t: torch.Tensor, B: int, nwh: int, nww: int, window: int) -> to
     return t.permute(n, n + 1, n + 4, n + 2, n + 5, *range(n), n + 3, n + 6)
 
 
-def _windows(qkv: torch.Tensor, window: int, pad_kv: torch.Tensor | None, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, H, W, 3C] -> [3, B * nWh * nWw, heads, window^2, d] in ``dtype``: padded windows (row-major)
-    in the head-major layout SDPA reads, padded tokens = ``pad_kv`` (zeros when None). One pass of
-    writes: the real tokens and the padding go straight to their windows."""
+def _grid_part(x: torch.Tensor, i0, i1, ny, j0, j1, nx, window: int) -> torch.Tensor:
+    """The rectangle of :func:`_real_parts` in a [B, H, W, ...] grid, as [B, i1-i0, ny, j1-j0, nx, ...]."""
+    part = x[:, i0 * window:i0 * window + (i1 - i0) * ny, j0 * window:j0 * window + (j1 - j0) * nx]
+    return part.reshape(x.shape[0], i1 - i0, ny, j1 - j0, nx, *x.shape[3:])
+
+
+def _windows(qkv: torch.Tensor, window: int, pad_kv: torch.Tensor | None, num_heads: int, dtype: torch.dtype,
+             rows: tuple[int, int]) -> torch.Tensor:
+    """Window rows ``rows`` of [B, H, W, 3C] -> [3, B * (rows) * nWw, heads, window^2, d] in ``dtype``:
+    padded windows (row-major) in the head-major layout SDPA reads, padded tokens = ``pad_kv`` (zeros
+    when None). One pass of writes: the real tokens and the padding go straight to their windows."""
     B, H, W, C3 = qkv.shape
     d = C3 // (3 * num_heads)
-    Hp, Wp = reference.padded_size(H, window), reference.padded_size(W, window)
-    nwh, nww = Hp // window, Wp // window
-    out = qkv.new_empty(3, B * nwh * nww, num_heads, window * window, d, dtype=dtype)
-    grid = _window_grid(out, B, nwh, nww, window)     # [B, nWh, ws, nWw, ws, 3, heads, d]
+    nww = reference.padded_size(W, window) // window
+    n = rows[1] - rows[0]
+    out = qkv.new_empty(3, B * n * nww, num_heads, window * window, d, dtype=dtype)
+    grid = _window_grid(out, B, n, nww, window)     # [B, n, ws, nWw, ws, 3, heads, d]
     src = qkv.view(B, H, W, 3, num_heads, d)
-    for i0, i1, ny, y0, j0, j1, nx, x0 in _real_parts(H, W, window):
-        part = src[:, y0:y0 + (i1 - i0) * ny, x0:x0 + (j1 - j0) * nx]
-        grid[:, i0:i1, :ny, j0:j1, :nx] = part.reshape(B, i1 - i0, ny, j1 - j0, nx, 3, num_heads, d)
+    for i0, i1, ny, j0, j1, nx in _real_parts(H, W, window, rows):
+        grid[:, i0 - rows[0]:i1 - rows[0], :ny, j0:j1, :nx] = _grid_part(src, i0, i1, ny, j0, j1, nx, window)
     fh, rh = divmod(H, window)
     fw, rw = divmod(W, window)
-    if rh or rw:
+    if rh and rows[0] <= fh < rows[1] or rw:
         fill = out.new_zeros(()) if pad_kv is None else pad_kv.to(qkv.dtype).to(dtype).view(3, num_heads, d)
-        if rh:
-            grid[:, fh, rh:] = fill              # the last window row's padded rows
+        if rh and rows[0] <= fh < rows[1]:
+            grid[:, fh - rows[0], rh:] = fill    # the last window row's padded rows
         if rw:
             grid[:, :, :, fw, rw:] = fill        # the last window column's padded columns
     return out
 
 
-def _unpartition(windows: torch.Tensor, B: int, H: int, W: int, window: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B * nWh * nWw, heads, window^2, d] -> [B, H, W, heads * d] in ``dtype``, padding dropped, one copy."""
-    heads, d = windows.shape[1], windows.shape[3]
-    nwh, nww = reference.padded_size(H, window) // window, reference.padded_size(W, window) // window
-    grid = _window_grid(windows, B, nwh, nww, window)   # [B, nWh, ws, nWw, ws, heads, d]
-    out = windows.new_empty(B, H, W, heads, d, dtype=dtype)
-    for i0, i1, ny, y0, j0, j1, nx, x0 in _real_parts(H, W, window):
-        dst = out[:, y0:y0 + (i1 - i0) * ny, x0:x0 + (j1 - j0) * nx]
-        dst.view(B, i1 - i0, ny, j1 - j0, nx, heads, d).copy_(grid[:, i0:i1, :ny, j0:j1, :nx])
-    return out.view(B, H, W, heads * d)
+def _unpartition(windows: torch.Tensor, out: torch.Tensor, window: int, rows: tuple[int, int]) -> None:
+    """Window rows ``rows`` ([B * (rows) * nWw, heads, window^2, d]) into their real tokens of ``out``
+    ([B, H, W, heads, d]), padding dropped."""
+    B, H, W = out.shape[:3]
+    nww = reference.padded_size(W, window) // window
+    grid = _window_grid(windows, B, rows[1] - rows[0], nww, window)   # [B, n, ws, nWw, ws, heads, d]
+    for i0, i1, ny, j0, j1, nx in _real_parts(H, W, window, rows):
+        _grid_part(out, i0, i1, ny, j0, j1, nx, window).copy_(grid[:, i0 - rows[0]:i1 - rows[0], :ny, j0:j1, :nx])
 
 
 def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: int = 0, pad_kv=None,
@@ -233,11 +240,21 @@ def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: in
     d = C3 // (3 * num_heads)
     work = compute_dtype(qkv.dtype)
     if window_size:
-        q, k, v = _windows(qkv, window_size, pad_kv, num_heads, work).unbind(0)
-        out = torch.empty_like(q)
-        rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, window_size, window_size, qkv.dtype)
-        attention(q, k, v, rel_h, rel_w, window_size, window_size, out, budget=budget)
-        return _unpartition(out, B, H, W, window_size, qkv.dtype)
+        # a few window rows at a time, end to end (windows, attention, back to the grid): only a chunk's
+        # windows exist at once, in the compute dtype
+        ws = window_size
+        nwh, nww = reference.padded_size(H, ws) // ws, reference.padded_size(W, ws) // ws
+        per_block = plan(B * nwh * nww, num_heads, ws * ws, budget)[0]
+        step = max(1, per_block // (B * nww))
+        out = qkv.new_empty(B, H, W, num_heads, d)
+        for i in range(0, nwh, step):
+            rows = (i, min(nwh, i + step))
+            q, k, v = _windows(qkv, ws, pad_kv, num_heads, work, rows).unbind(0)
+            o = torch.empty_like(q)
+            rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, ws, ws, qkv.dtype)
+            attention(q, k, v, rel_h, rel_w, ws, ws, o, budget=budget)
+            _unpartition(o, out, ws, rows)
+        return out.view(B, H, W, num_heads * d)
     # one copy to head-major q, k, v (qkv may be strided in all but its last dim)
     q, k, v = _dense(qkv.view(B, H, W, 3, num_heads, d).permute(3, 0, 4, 1, 2, 5), work).view(3, B, num_heads, H * W, d).unbind(0)
     out = q.new_empty(B, H, W, num_heads, d, dtype=qkv.dtype)
