@@ -367,3 +367,26 @@ def test_windows_exist_one_chunk_at_a_time():
             out = blocked.rel_pos_attention(qkv, th, tw, heads, window, pad, budget=2 * heads * window ** 4)
         assert_close(out, ref.rel_pos_attention(qkv, th, tw, heads, window, pad), torch.float32)
     assert ours.largest < all_windows and ours.largest == all_windows // 2      # one window row: 2 of the 4 windows
+
+
+def test_v2_packed_pass_on_the_blocked_backend():
+    """DeepEncoder V2 (narrow): a 2-tile dynamic page and a Base page in one packed pass (causal-flow
+    sequences of 288 and 512 with their prefixes, GQA, RoPE) on sdpa-blocked vs the reference."""
+    from PIL import Image
+
+    from conftest import small_encoder_v2
+
+    def page(size, seed):
+        g = torch.Generator().manual_seed(seed)
+        return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+    enc = small_encoder_v2()
+    pages, modes = [page((1536, 768), 2), page((900, 1300), 4)], ["dynamic", "base"]
+    with torch.no_grad():
+        with dk.backend("reference"):
+            want = enc.encode_batch(pages, modes)
+        got = enc.encode_batch(pages, modes)
+    assert dk.last_backends()["varlen_attention"].backend == BACKEND
+    assert dk.last_backends()["rel_pos_attention"].backend == BACKEND
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32)
