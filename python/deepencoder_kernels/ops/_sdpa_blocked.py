@@ -41,12 +41,17 @@ import torch.nn.functional as F
 
 from .. import reference
 
-# Elements of one block's bias: 4 Mi = 16 MiB in fp32 (vs 805 MB dense at a Base global block): 1024 query
-# rows of one head there, 9 windows of 12 heads in a windowed block. Measured at Base, fp32, one thread, CPU
-# seconds, medians of 3-5 interleaved runs, two sweeps on a loaded 2-core EPYC: global 1.21 / 1.07 / 1.08-1.19
-# / 1.08 at 2 / 4 / 8 / 16 Mi, windowed 0.116-0.147 at 1-4 Mi and 0.143-0.148 at 8 Mi (upstream: 1.64-1.70 and
-# 0.227-0.270), flat within the noise; 4 Mi is the smallest budget at the best times.
+# Elements of one block's bias with one intra-op thread: 4 Mi = 16 MiB in fp32 (vs 805 MB dense at a Base
+# global block): 1024 query rows of one head there, 9 windows of 12 heads in a windowed block. Measured at
+# Base, fp32, one thread, CPU seconds, medians of 3-5 interleaved runs, two sweeps on a loaded 2-core EPYC:
+# global 1.21 / 1.07 / 1.08-1.19 / 1.08 at 2 / 4 / 8 / 16 Mi, windowed 0.116-0.147 at 1-4 Mi and 0.143-0.148
+# at 8 Mi (upstream: 1.64-1.70 and 0.227-0.270), flat within the noise; 4 Mi is the smallest at the best times.
 BIAS_BLOCK_ELEMENTS = 1 << 22
+# With several threads every op of a block is a parallel region whose threads all wait for the slowest:
+# on a shared machine a descheduled thread costs milliseconds per region, so fewer, larger blocks win.
+# Base, fp32, 2 threads, wall seconds, medians of 4-6 at load ~3 on 2 cores: global 1.98 / 1.49 / 1.30 / 1.22
+# at 4 / 8 / 16 / 32 Mi (upstream 1.53), windowed 0.64 / 0.31 / 0.25 / 0.27 (upstream 0.32-0.33).
+MULTI_THREAD_BIAS_BLOCK_ELEMENTS = 1 << 24
 ROW_QUANTUM = 256
 
 
@@ -66,11 +71,14 @@ def plan(seqs: int, heads: int, n: int, budget: int | None = None) -> tuple[int,
 
 
 def bias_budget() -> int:
-    """``BIAS_BLOCK_ELEMENTS``, grown with the intra-op threads past 4: SDPA parallelises a block over
-    its heads x query splits, and a Base global block of one head has 4 of them at the default size.
-    (While torch.compile traces, the default: the thread count is not traceable.)"""
-    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
-    return BIAS_BLOCK_ELEMENTS * max(1, threads // 4)
+    """Bias elements per block: ``BIAS_BLOCK_ELEMENTS`` with one intra-op thread, else
+    ``MULTI_THREAD_BIAS_BLOCK_ELEMENTS`` (64 MiB in fp32) grown with the threads past 4 (SDPA parallelises
+    a block over its heads x 256-row query splits). While torch.compile traces (the thread count is not
+    traceable): the several-thread budget."""
+    threads = 2 if torch.compiler.is_compiling() else torch.get_num_threads()
+    if threads == 1:
+        return BIAS_BLOCK_ELEMENTS
+    return MULTI_THREAD_BIAS_BLOCK_ELEMENTS * max(1, threads // 4)
 
 
 @functools.lru_cache(None)
