@@ -48,7 +48,7 @@ def _varlen_attention_fwd_kernel(
     grid_hw_ptr, tables_h_ptr, tables_w_ptr, table_rows_ptr,   # used only when HAS_BIAS
     prefix_ptr, cos_ptr, sin_ptr,   # used only when HAS_PREFIX / HAS_ROPE
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cos, stride_sin,
-    num_heads, group, num_m_tiles, sm_scale,   # group: query heads per kv head (GQA; 1 = MHA)
+    num_heads, num_m_tiles, sm_scale,
     HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE_DOT: tl.constexpr,     # fp32 dot operands: full precision instead of tf32
@@ -57,6 +57,7 @@ def _varlen_attention_fwd_kernel(
     STORE_LSE: tl.constexpr = False,   # training: keep each row's logsumexp for the backward
     HAS_PREFIX: tl.constexpr = False,  # prefix-LM mask from prefix_lens (tiles past a row's keys skipped)
     HAS_ROPE: tl.constexpr = False,    # RoPE on the loads of q and k
+    GROUP: tl.constexpr = 1,           # query heads per kv head (GQA; 1 = MHA): a constant divisor
 ):
     pid_m, seq, head = tile_of_program(num_m_tiles, num_heads)
     start = tl.load(cu_seqlens_ptr + seq)
@@ -65,7 +66,7 @@ def _varlen_attention_fwd_kernel(
         return
     precision: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
     d = tl.arange(0, HEAD_DIM)
-    kv_head = head // group   # transformers' repeat_kv order: K/V read in place, never repeated
+    kv_head = head // GROUP   # transformers' repeat_kv order: K/V read in place, never repeated
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
 
@@ -192,8 +193,8 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, bia
     kernel_for(interpret)[grid](
         q, k, v, out, cu_seqlens, lse, grid_hw, tables_h, tables_w, table_rows, prefix, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        stride_cos, stride_sin, heads, heads // k.shape[1], num_m_tiles, scale,
+        stride_cos, stride_sin, heads, num_m_tiles, scale,
         HEAD_DIM=head_dim, HAS_BIAS=has_bias, IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST_DOT=upcast,
-        STORE_LSE=with_lse, HAS_PREFIX=prefix_lens is not None, HAS_ROPE=rope is not None, **cfg,
+        STORE_LSE=with_lse, HAS_PREFIX=prefix_lens is not None, HAS_ROPE=rope is not None, GROUP=heads // k.shape[1], **cfg,
     )
     return (out, lse) if with_lse else out

@@ -29,11 +29,12 @@ def _varlen_attention_bwd_dq_kernel(
     prefix_ptr, cos_ptr, sin_ptr,   # HAS_PREFIX / HAS_ROPE only
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,   # out, dout, dq: contiguous [total, heads, d]
     stride_cos, stride_sin,
-    num_heads, group, num_m_tiles, program_offset, sm_scale,
+    num_heads, num_m_tiles, program_offset, sm_scale,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
     LK_H: tl.constexpr, LK_W: tl.constexpr,
     HAS_PREFIX: tl.constexpr = False, HAS_ROPE: tl.constexpr = False,
+    GROUP: tl.constexpr = 1,   # query heads per kv head (GQA; 1 = MHA)
 ):
     # with the bias the launcher runs the programs in slices, program_offset apart (bounded partials)
     pid = tl.program_id(0) + program_offset
@@ -46,7 +47,7 @@ def _varlen_attention_bwd_dq_kernel(
         return
     precision: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
     d = tl.arange(0, HEAD_DIM)
-    kv_head = head // group
+    kv_head = head // GROUP
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,9 +82,10 @@ def _varlen_attention_bwd_dq_kernel(
     visible = prefix_visible(offs_m, p)
     if HAS_PREFIX:
         whole_end = prefix_visible(pid_m * BLOCK_M, p) // BLOCK_N * BLOCK_N
+        key_end = tl.maximum(p, tl.minimum(n, (pid_m + 1) * BLOCK_M))
     else:
         whole_end = 0
-    key_end = tl.maximum(p, tl.minimum(n, (pid_m + 1) * BLOCK_M))
+        key_end = n
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, whole_end, BLOCK_N):
         dq, t_h, t_w = _dq_key_tile(dq, t_h, t_w, q, do, delta, lse2, k_head, v_head, start, start_n, n, visible,
@@ -150,14 +152,15 @@ def _varlen_attention_bwd_dkv_kernel(
     prefix_ptr, cos_ptr, sin_ptr,   # HAS_PREFIX / HAS_ROPE only
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,   # dout: contiguous [total, heads, d]; dk, dv: [total, kv_heads, d]
     stride_cos, stride_sin,
-    num_heads, group, num_n_tiles, sm_scale,
+    num_heads, num_n_tiles, sm_scale,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LP_H: tl.constexpr, LP_W: tl.constexpr,
     HAS_PREFIX: tl.constexpr = False, HAS_ROPE: tl.constexpr = False,
+    GROUP: tl.constexpr = 1,   # query heads per kv head (GQA; 1 = MHA)
 ):
     # one program per (key tile, sequence, kv head): it sums dk/dv over the kv head's query group
     # in a fixed order (GQA without atomics, deterministic)
-    num_kv_heads = num_heads // group
+    num_kv_heads = num_heads // GROUP
     pid_n, seq, kv_head = tile_of_program(num_n_tiles, num_kv_heads)
     start = tl.load(cu_seqlens_ptr + seq)
     n = tl.load(cu_seqlens_ptr + seq + 1) - start
@@ -195,8 +198,8 @@ def _varlen_attention_bwd_dkv_kernel(
         mask_end = 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for g in range(0, group):
-        head = kv_head * group + g
+    for g in range(0, GROUP):   # a constant trip count: folded away without GQA
+        head = kv_head * GROUP + g
         for start_m in range(first_row, mask_end, BLOCK_M):
             dk, dv = _dkv_query_tile(dk, dv, k, v, offs_n, valid_n, q_ptr + head * stride_qh, dout_ptr, lse_ptr, delta_ptr,
                                      start, start_m, n, p, head, num_heads, stride_qt, d, cos_ptr, sin_ptr, stride_cos,
@@ -309,9 +312,8 @@ def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, s
     delta = torch.empty_like(lse)
     upcast = interpret and q.dtype == torch.bfloat16
     common = dict(HEAD_DIM=head_dim, HAS_BIAS=has_bias, IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST_DOT=upcast,
-                  HAS_PREFIX=prefix_lens is not None, HAS_ROPE=rope is not None)
+                  HAS_PREFIX=prefix_lens is not None, HAS_ROPE=rope is not None, GROUP=heads // kv_heads)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *rope_strides)
-    group = heads // kv_heads
     dq_kernel, dkv_kernel = kernels_for(interpret)
     for offset in range(0, programs, slice_size):   # slices fixed by shapes
         n = min(slice_size, programs - offset)
@@ -319,9 +321,9 @@ def varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, s
             for part in parts:
                 part[:n].zero_()   # programs past their sequence's end write nothing
         dq_kernel[launch_grid(n)](q, k, v, out, dout, lse, delta, dq, cu_seqlens, grid_hw, tables_h, tables_w, table_rows,
-                                  *dparts, prefix, cos, sin, *strides, heads, group, m_tiles, offset, scale, **common, **dq_cfg)
+                                  *dparts, prefix, cos, sin, *strides, heads, m_tiles, offset, scale, **common, **dq_cfg)
         if has_bias:
             reduce_parts(parts[0][:n], parts[1][:n], offset)
     dkv_kernel[dkv_grid](q, k, v, dout, lse, delta, dk, dv, cu_seqlens, grid_hw, tables_h, tables_w, table_rows,
-                         prefix, cos, sin, *strides, heads, group, n_tiles, scale, **common, **dkv_cfg)
+                         prefix, cos, sin, *strides, heads, n_tiles, scale, **common, **dkv_cfg)
     return dq, dk, dv

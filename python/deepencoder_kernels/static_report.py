@@ -152,6 +152,7 @@ def rel_pos_attention_signature(dtype: str) -> dict:
 # DeepEncoder V2's causal-flow stage: prefix-LM over [n image tokens; n queries] (L = 288 / 512),
 # GQA 14 / 2 heads, RoPE on load, d = 64
 CAUSAL_FLOW_CASE = ("causal-flow/prefix-gqa-rope", "prefix")
+CAUSAL_FLOW_GROUP = cfg.CAUSAL_FLOW_HEADS // cfg.CAUSAL_FLOW_KV_HEADS
 
 
 def varlen_attention_cases():
@@ -165,8 +166,9 @@ def varlen_attention_cases():
     for case, name, has_bias, side, prefix in cases:
         conf = varlen_attention_config(has_bias, side, side, prefix=prefix)
         launch = conf.pop("num_warps"), conf.pop("num_stages")
-        yield case, name, dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False, **conf,
-                               STORE_LSE=prefix, HAS_PREFIX=prefix, HAS_ROPE=prefix), *launch
+        constexprs = dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False, **conf,
+                          STORE_LSE=prefix, HAS_PREFIX=prefix, HAS_ROPE=prefix, GROUP=CAUSAL_FLOW_GROUP if prefix else 1)
+        yield case, name, constexprs, *launch
 
 
 def varlen_attention_bwd_cases(kernel: str):
@@ -181,7 +183,8 @@ def varlen_attention_bwd_cases(kernel: str):
         conf = dict(dq if kernel == "dq" else dkv)
         launch = conf.pop("num_warps"), conf.pop("num_stages")
         yield case, f"{name}/{kernel}", dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False,
-                                             **conf, HAS_PREFIX=prefix, HAS_ROPE=prefix), *launch
+                                             **conf, HAS_PREFIX=prefix, HAS_ROPE=prefix,
+                                             GROUP=CAUSAL_FLOW_GROUP if prefix else 1), *launch
 
 
 def varlen_attention_bwd_signature(kernel: str, dtype: str) -> dict:
@@ -195,7 +198,7 @@ def varlen_attention_bwd_signature(kernel: str, dtype: str) -> dict:
                "cu_seqlens_ptr": i, "grid_hw_ptr": i, "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": i}
     sig.update({"prefix_ptr": i, "cos_ptr": p, "sin_ptr": p})   # RoPE tables in the activations' dtype, as V2 makes them
     sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                                         "stride_cos", "stride_sin", "num_heads", "group",
+                                         "stride_cos", "stride_sin", "num_heads",
                                          "num_m_tiles" if kernel == "dq" else "num_n_tiles")})
     if kernel == "dq":
         sig["program_offset"] = "i32"
@@ -208,7 +211,7 @@ def varlen_attention_signature(dtype: str) -> dict:
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "cu_seqlens_ptr": "*i32", "lse_ptr": "*fp32", "grid_hw_ptr": "*i32",
            "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": "*i32", "prefix_ptr": "*i32", "cos_ptr": p, "sin_ptr": p}
     sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                                         "stride_ot", "stride_oh", "stride_cos", "stride_sin", "num_heads", "group", "num_m_tiles")})
+                                         "stride_ot", "stride_oh", "stride_cos", "stride_sin", "num_heads", "num_m_tiles")})
     sig["sm_scale"] = "fp32"
     return sig
 
