@@ -235,3 +235,59 @@ def test_compiled_training_step_traces():
             results.append([x.grad for x in xs])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+# ---- DeepEncoder V2 on the fused backend ----------------------------------------------------------
+
+def small_v2_for_fused_kernels():
+    """conftest's narrow DeepEncoderV2 with head dim 16 (the fused kernels take 16..128): GQA 4/2."""
+    from deepencoder_kernels.modules import CausalFlowEncoder
+    from conftest import small_encoder_v2
+
+    enc = small_encoder_v2()
+    torch.manual_seed(1)
+    enc.qwen2_model = CausalFlowEncoder(dim=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden=48)
+    with torch.no_grad():
+        for name, p in enc.qwen2_model.named_parameters():
+            if p.dim() <= 2 and "weight" not in name or "query_" in name:
+                p.normal_(0, 0.5)
+    return enc.eval()
+
+
+def synthetic_page(size, seed):
+    """Text-like strokes on paper (no personal data)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, (250, 248, 240))
+    draw = ImageDraw.Draw(img)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(30):
+        x, y = (int(torch.randint(0, s - 20, (1,), generator=g)) for s in size)
+        draw.rectangle((x, y, x + 15, y + 3), fill=(20, 20, 20))
+    return img
+
+
+def fused_causal_flow(name, tokens_in=0, tokens_out=0):
+    """A stage hook (``stages.py``): the causal-flow stage on the fused Triton backend (interpreted),
+    the trunk, compressor and projector on the reference (what is tested here is the causal flow;
+    the other kernels have their own tests, and interpreting the trunk would take minutes)."""
+    return dk.backend("triton-interpret" if name == "causal flow" else "reference")
+
+
+def test_v2_packed_batch_equals_page_by_page_on_the_fused_backend():
+    """A page with no tiles (one 512-token sequence) and a 2-tile page (two 288-token sequences and a
+    512) in one packed pass: every causal-flow layer one fused launch for all four views, equal to
+    each page alone, and to the reference backend."""
+    enc = small_v2_for_fused_kernels()
+    pages = [synthetic_page((700, 500), 1), synthetic_page((1536, 768), 2)]
+    dk.clear_last_backends()
+    packed = enc.encode_batch(pages, "dynamic", stage=fused_causal_flow)
+    assert dk.last_backends()["varlen_attention"].backend == "triton-interpret"
+    alone = [enc.encode(p, "dynamic", stage=fused_causal_flow)[0] for p in pages]
+    with dk.backend("reference"):
+        want = enc.encode_batch(pages, "dynamic")
+    assert dk.last_backends()["varlen_attention"].backend == "reference"
+    assert [p.shape[0] for p in packed] == [257, 545]
+    for p, a, w in zip(packed, alone, want):
+        torch.testing.assert_close(p, a, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(p, w, atol=1e-4, rtol=1e-4)

@@ -151,7 +151,7 @@ def rel_pos_attention_signature(dtype: str) -> dict:
 
 # DeepEncoder V2's causal-flow stage: prefix-LM over [n image tokens; n queries] (L = 288 / 512),
 # GQA 14 / 2 heads, RoPE on load, d = 64
-CAUSAL_FLOW_CASE = ("causal-flow/prefix-gqa-rope", "prefix")
+CAUSAL_FLOW_CASE = ("v2-causal-flow/prefix", "prefix")
 CAUSAL_FLOW_GROUP = cfg.CAUSAL_FLOW_HEADS // cfg.CAUSAL_FLOW_KV_HEADS
 
 
