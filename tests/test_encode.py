@@ -48,8 +48,8 @@ def test_pages_are_read_lazily_and_at_most_batch_are_held(monkeypatch):
             produced.append(i)
             yield f"p{i}", render_document_page(320 + 64 * i, 480, seed=i)
 
-    def tracking_preprocess(page, mode, max_crops):
-        views = real_preprocess(page, mode, max_crops)
+    def tracking_preprocess(page, mode, max_crops, **read):
+        views = real_preprocess(page, mode, max_crops, **read)
         alive.append(weakref.ref(views))
         return views
 
@@ -141,11 +141,16 @@ def test_bad_inputs(tmp_path):
     enc = small_encoder()
     with pytest.raises(FileNotFoundError, match="paths: no such file"):
         E.list_pages([tmp_path / "nope.png"])
-    (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(ValueError, match="neither an image"):
-        E.list_pages([tmp_path / "a.txt"])
+    (tmp_path / "a.txt").write_text("x")          # named explicitly: read, and failing as a page
+    assert [(r.page_id, r.error) for r in E.list_pages([tmp_path / "a.txt"])] == [
+        (str(tmp_path / "a.txt"), "is not an image or a PDF (PIL cannot identify it; it starts with b'x')")]
     with pytest.raises(ValueError, match="mode must be one of"):
         list(E.encode_pages(enc, iter([]), "huge"))
+    with pytest.raises(ValueError, match="alpha must be one of"):
+        list(E.encode_pages(enc, iter([]), "tiny", alpha="grey"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="paths: no pages to encode"):
+        E.encode_files(enc, [tmp_path / "empty"], tmp_path / "o.safetensors", progress=False)
 
 
 def test_token_writer_is_valid_safetensors(tmp_path):

@@ -45,10 +45,18 @@ def _profile(args) -> int:
 
 
 def _encode(args) -> int:
-    if args.ray:   # the same steps as a Ray Data pipeline (deepencoder_kernels.ray); --out is a folder there
-        from .ray import run_from_args
+    try:
+        if args.ray:   # the same steps as a Ray Data pipeline (deepencoder_kernels.ray); --out is a folder there
+            from .ray import run_from_args
 
-        return run_from_args(args)
+            return run_from_args(args)
+        return _encode_here(args)
+    except (FileNotFoundError, ImportError, ValueError) as e:   # found before any page is encoded
+        print(f"deepencoder-kernels encode: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _encode_here(args) -> int:
     from . import dispatch
     from .encode import encode_files
     from .profiler import choose_timing_dtype, random_encoder
@@ -64,10 +72,14 @@ def _encode(args) -> int:
     else:
         print("warning: no --weights: seeded random weights (seed 0); the tokens are for testing only", file=sys.stderr)
     with dispatch.backend(args.backend):
-        summary = encode_files(encoder, args.paths, args.out, args.mode, args.batch, args.max_crops, progress=not args.quiet)
-    print(f"wrote {summary['out']}: {summary['pages']} pages, {summary['tokens']} tokens ({args.mode}, "
-          f"{str(dtype).replace('torch.', '')}) in {summary['seconds']:.1f}s")
-    return 0
+        summary = encode_files(encoder, args.paths, args.out, args.mode, args.batch, args.max_crops,
+                               progress=not args.quiet, recursive=args.recursive, password=args.password,
+                               alpha=args.alpha, max_pixels=args.max_pixels)
+    failed = summary["failed"]
+    print(f"wrote {summary['out']}: {summary['encoded']}/{summary['pages']} pages, {summary['tokens']} tokens "
+          f"({args.mode}, {str(dtype).replace('torch.', '')}) in {summary['seconds']:.1f}s"
+          + (f"; {len(failed)} page{'s' * (len(failed) > 1)} failed, listed in {summary['errors']}" if failed else ""))
+    return 1 if failed else 0
 
 
 def _info(args) -> int:
@@ -101,8 +113,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-crops", type=int, default=9, help="Gundam tile budget (9: DeepSeek's HF code; 6: its vLLM config)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=_profile)
-    e = sub.add_parser("encode", help="images / PDF pages -> vision tokens per page (safetensors), in packed batches")
-    e.add_argument("paths", nargs="+", metavar="PATH", help="image files and PDFs (PDF pages need the 'pdf' extra: pypdfium2)")
+    e = sub.add_parser("encode", help="images / PDF pages -> vision tokens per page (safetensors), in packed batches",
+                       description="Exit status: 0 every page written, 1 some page failed (reported on stderr and "
+                       "in errors.jsonl beside --out; the others are written), 2 bad arguments.")
+    e.add_argument("paths", nargs="+", metavar="PATH", help="image files, PDFs, folders and glob patterns "
+                   "(PDF pages need the 'pdf' extra: pypdfium2; multi-page TIFF/GIF/WebP/APNG give a page per frame)")
     e.add_argument("--mode", default="base", choices=["tiny", "small", "base", "large", "gundam"])
     e.add_argument("--out", required=True, help="output .safetensors: one [n_tokens, 1280] tensor per page id, + mode")
     e.add_argument("--weights", help="safetensors file or folder (default: seeded random weights, for testing)")
@@ -115,8 +130,10 @@ def main(argv=None) -> int:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--ray", action="store_true", help="run on Ray (a local one, or --ray-address / RAY_ADDRESS): CPU "
                    "preprocessing tasks, one encoder per GPU actor; --out is then a folder of token shards ('ray' extra)")
+    from .encode import add_page_arguments
     from .ray import add_ray_arguments
 
+    add_page_arguments(e)
     add_ray_arguments(e)
     e.set_defaults(run=_encode)
     i = sub.add_parser("info", help="which backends can run here, and why not")

@@ -1,9 +1,10 @@
 """Image -> views, pixel for pixel as DeepSeek-OCR's processors prepare them (the Hugging Face
 ``infer`` path and vLLM's ``DeepseekOCRProcessor``), Tiny/Small/Base/Large/Gundam.
 
-- Paths are opened with ``ImageOps.exif_transpose`` first (both upstream loaders do), then made
-  RGB. PIL images are taken as given, as upstream's processors take them: an image from a bare
-  ``Image.open`` keeps its EXIF orientation tag unapplied (pass the path, or transpose it yourself).
+- Every input goes through :func:`load_image` (paths, page ids, PDF pages, PIL images -> RGB):
+  paths get their EXIF orientation applied (both upstream loaders do); PIL images are taken as
+  given, as upstream's processors take them (an image from a bare ``Image.open`` keeps its EXIF
+  orientation tag unapplied: pass the path, or transpose it yourself).
 - Tiny/Small: ``image.resize((S, S))`` with PIL's default filter (bicubic), then ``ImageOps.pad``
   to (S, S) with gray, exactly upstream's two calls (the pad leaves an (S, S) image as it is).
 - Base/Large: letterboxed into the square with gray (127, 127, 127), aspect kept (``ImageOps.pad``).
@@ -25,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from . import config as cfg
+from .pages import MAX_PIXELS, read_page_image
 
 
 @dataclass
@@ -34,15 +36,67 @@ class Views:
     grid: tuple[int, int] = (1, 1)       # (n_w, n_h)
 
 
-def load_image(image) -> Image.Image:
-    """A path (opened, EXIF orientation applied) or a PIL image (as given) -> RGB."""
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a path, got {type(image).__name__}")
-    return image.convert("RGB")
+def load_image(image, *, view_sizes=None, alpha: str = "white", max_pixels: int | None = MAX_PIXELS,
+               password: str | None = None) -> Image.Image:
+    """Any page -> an RGB PIL image: the one loader every path uses (``preprocess``, ``encode``,
+    ``encode --ray``, the encoders' ``encode``).
+
+    ``image``: a PIL image (taken as given: no EXIF transpose, no reduction, only made RGB); a path
+    (EXIF orientation applied; a PDF or multi-page image gives its page 1, with a warning naming
+    how to get the others); a page id ``path#page=N`` (page N of a PDF or multi-page image, 1-based,
+    as :mod:`deepencoder_kernels.encode` names pages); or a :class:`~deepencoder_kernels.pages.PageRef`.
+
+    Pixel formats (:func:`deepencoder_kernels.pages.to_rgb`): alpha composited onto white, as vLLM's
+    loader does (``alpha="drop"``: DeepSeek's own ``infer``, ``convert("RGB")``, which turns a
+    transparent page black); 16 and 32-bit integer and float samples scaled from their type's range
+    to 8 bits (not clipped: a 16-bit scan keeps dark text on a light page); every other mode as
+    PIL's ``convert("RGB")``. PDF pages are rendered by pdfium at 144 dpi on white.
+
+    ``view_sizes(width, height) -> [(w, h), ...]``: the size each view resizes the page to
+    (:func:`view_sizes`); given, a page more than ``2 * pages.REDUCING_GAP`` (6) times larger than
+    every view on both axes is decoded at 1/k per side (JPEG DCT scaling, else PIL ``reduce``; a
+    PDF at 144/k dpi) with every view at least 3 times smaller than what remains, and only when
+    the views keep their geometry (grid, letterbox size). What exactness means here: upstream
+    resizes the full-resolution page with PIL (bicubic, antialiased), a function of every source
+    pixel, so any reduction first changes some output pixels; for the pages people scan and
+    photograph (up to ~6x the largest view: an A4 page at 300 dpi for every mode, a 12 MP photo
+    for every mode) nothing is reduced and the views are upstream's, bit for bit. Beyond that the
+    full decode costs memory and time growing with the page (a 14000 x 13000 scan: 546 MB decoded)
+    for no visible gain: the reduced views differ by a few levels at some sharp edges (measured in
+    ``benchmarks/bench_pages.py``: mean under 0.3 of a level, largest a few levels), as PIL's own
+    ``reducing_gap`` promises ("indistinguishable from fair resampling in most cases" from 3.0).
+    None: full resolution.
+
+    ``max_pixels``: the most pixels a page may be decoded or rendered at (after any reduction;
+    default PIL's own bomb limit, 178,956,970; 0 or None: no limit); over it, a PageError names
+    the file and the option. ``password``: for encrypted PDFs.
+
+    Raises :class:`~deepencoder_kernels.pages.PageError` (naming the file, the page and the cause),
+    FileNotFoundError (no such path), TypeError (not an image), ValueError (bad ``alpha``/``max_pixels``).
+    """
+    return read_page_image(image, view_sizes=view_sizes, alpha=alpha, max_pixels=max_pixels, password=password)
+
+
+def _contain_size(width: int, height: int, side: int) -> tuple[int, int]:
+    # ImageOps.contain's arithmetic (what ImageOps.pad resizes to before padding)
+    if width == height:
+        return side, side
+    if width > height:
+        return side, round(height / width * side)
+    return round(width / height * side), side
+
+
+def view_sizes(mode: str, width: int, height: int, max_crops: int = cfg.GUNDAM_MAX_CROPS) -> list[tuple[int, int]]:
+    """The size each of :func:`preprocess`'s views resizes a ``width`` x ``height`` page to: the
+    global view ((S, S) for Tiny/Small, the letterboxed size otherwise), then Gundam's tile mosaic
+    (640 n_w, 640 n_h). What :func:`load_image` needs to decode a huge page no larger than that."""
+    m = cfg.MODES[mode]
+    S = m.base_size
+    sizes = [_contain_size(width, height, S) if m.letterbox else (S, S)]
+    if m.tiles and (width > m.tile_size or height > m.tile_size):
+        n_w, n_h = choose_tile_grid(width, height, m.tile_size, max_crops=max_crops)
+        sizes.append((m.tile_size * n_w, m.tile_size * n_h))
+    return sizes
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -69,11 +123,16 @@ def choose_tile_grid(width: int, height: int, tile: int = 640, min_crops: int = 
     return best
 
 
-def preprocess(image, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS) -> Views:
+def preprocess(image, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS, *, alpha: str = "white",
+               max_pixels: int | None = MAX_PIXELS, password: str | None = None) -> Views:
+    """A page (anything :func:`load_image` takes; ``alpha``, ``max_pixels``, ``password``: its
+    options) -> the mode's views. Pages far larger than every view are decoded reduced (see
+    :func:`load_image`)."""
     if mode not in cfg.MODES:
         raise ValueError(f"mode must be one of {sorted(cfg.MODES)}, got {mode!r}")
     m = cfg.MODES[mode]
-    image = load_image(image)
+    image = load_image(image, view_sizes=lambda w, h: view_sizes(mode, w, h, max_crops), alpha=alpha,
+                       max_pixels=max_pixels, password=password)
     S = m.base_size
     # upstream resizes Tiny/Small with no filter argument (PIL's default), then pads either way
     source = image.resize((S, S)) if not m.letterbox else image
