@@ -89,3 +89,23 @@ def test_exif_rotated_jpeg_path_is_transposed(tmp_path):
         assert not torch.equal(from_path, dk.preprocess(decoded, mode).global_view)   # sideways otherwise
     # a PIL image is taken as given (upstream's processors do not transpose what they are handed)
     assert load_image(Image.open(path)).size == (96, 64)
+
+
+@pytest.mark.parametrize("mode", ["tiny", "small", "base", "large", "gundam"])
+def test_view_sizes_are_the_sizes_preprocess_resizes_to(mode, monkeypatch):
+    """load_image decodes huge pages no smaller than view_sizes says: it must match preprocess's resizes."""
+    from deepencoder_kernels.preprocess import view_sizes
+
+    sizes = []
+    real_resize = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        if tuple(size) != self.size:          # a "resize" to its own size (ImageOps.pad of an (S, S) image) copies
+            sizes.append(tuple(size))
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    for size in [(300, 200), (641, 640), (1301, 977), (977, 1301), (1600, 200), (200, 3000), (1024, 1024), (5000, 4999)]:
+        sizes.clear()
+        dk.preprocess(Image.new("L", size, 255), mode)
+        assert sizes == [s for s in view_sizes(mode, *size) if s != size], size

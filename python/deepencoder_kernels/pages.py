@@ -32,7 +32,7 @@ PDF_MISSING = ("reading PDF pages needs pypdfium2, which is not installed: "
                "pip install 'deepencoder-kernels[pdf]' (or pip install pypdfium2)")
 # Folders and globs pick files by these suffixes (a file named explicitly is read whatever its name).
 IMAGE_SUFFIXES = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".dib", ".webp", ".gif",
-                  ".pbm", ".pgm", ".ppm", ".pnm", ".jp2", ".j2k", ".jpx", ".dcx", ".pcx")
+                  ".pbm", ".pgm", ".ppm", ".pnm", ".jp2", ".j2k", ".jpx", ".dcx", ".pcx", ".avif", ".heic", ".heif")
 # Formats whose frames are pages. Others give their first frame only: an MPO is one photo plus its
 # previews or depth maps, an ICO one icon at several sizes.
 PAGE_FORMATS = frozenset({"TIFF", "GIF", "WEBP", "PNG", "DCX"})
@@ -205,6 +205,7 @@ def _file_pages(path: Path, page_count: Callable | None = None, password: str | 
 
 def _image_frames(path: Path) -> tuple[list[int], PageError | None]:
     """The frames of an image file that are pages, and the error where counting them stopped."""
+    _heif_opener()
     try:
         with _pil_limit_lifted(), open(path, "rb") as f, Image.open(f) as im:
             if im.format not in PAGE_FORMATS:
@@ -408,6 +409,22 @@ def _check_pixels(path, page, size, max_pixels) -> None:
                               "(max_pixels=N in Python; 0 / None: no limit)", page)
 
 
+def _heif_opener() -> None:
+    """Phones save photos of pages as HEIC: PIL reads them through the pillow-heif plugin, registered
+    here when it is installed (it is not a dependency)."""
+    if not _HEIF[0]:
+        _HEIF[0] = True
+        try:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+        except ImportError:
+            pass
+
+
+_HEIF = [False]
+
+
 def _decode_error(path, page, e: BaseException) -> PageError:
     """PIL's exceptions -> the cause, in words."""
     if isinstance(e, PageError):
@@ -426,6 +443,10 @@ def _decode_error(path, page, e: BaseException) -> PageError:
         return PageError(path, "is empty (0 bytes)", page)
     if isinstance(e, UnidentifiedImageError):
         fmt = next((f for magic, f in _MAGIC if head.startswith(magic)), None)
+        if head[4:8] == b"ftyp":    # ISO media: HEIF / HEIC / AVIF
+            brand = head[8:12].decode("latin-1")
+            return PageError(path, f"is a HEIF image (brand {brand!r}) this PIL cannot read: pip install pillow-heif "
+                                   "(registered by this package when installed)", page)
         if fmt:
             return PageError(path, f"starts like a {fmt} file but PIL cannot read its header: damaged or "
                                    f"truncated ({size} bytes)", page)
@@ -474,6 +495,7 @@ def read_image_frame(path, frame: int = 0, page: int | None = None, *, view_size
     """Frame ``frame`` of an image file -> RGB: EXIF orientation applied, decoded at 1/k per side
     (:func:`reduction`: JPEG's DCT scaling, then PIL's ``reduce``) when the views need far less,
     then :func:`to_rgb`. Raises PageError naming the file and ``page``."""
+    _heif_opener()
     try:
         with _pil_limit_lifted(), open(path, "rb") as f:
             im = Image.open(f)
