@@ -1,6 +1,5 @@
 """encode: pages streamed in packed batches, tokens per page id, bounded memory, PDFs via pypdfium2."""
 import gc
-import os
 import json
 import weakref
 

@@ -5,9 +5,6 @@ empty, cut and fake PDFs; truncated and unidentifiable images; pdfium's last err
 the pixel limit, and bounded work on huge pages with upstream's exact views on normal ones. All
 inputs are generated here (tests/synthetic_pages.py)."""
 import importlib
-import io
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +15,16 @@ from PIL import Image, ImageOps, TiffImagePlugin
 import deepencoder_kernels as dk
 from deepencoder_kernels import config as cfg
 from deepencoder_kernels import pages as P
-from deepencoder_kernels.pages import PageError, PageRef, list_pages
+from deepencoder_kernels.pages import PageError, list_pages
 from synthetic_pages import coverage, make_pdf, text_page, text_pdf
 
 PP = importlib.import_module("deepencoder_kernels.preprocess")
 load_image = PP.load_image
-pdfium = pytest.importorskip("pypdfium2", reason="PDF pages need pypdfium2 (in the test extra)")
+
+
+@pytest.fixture
+def pdfium():
+    return pytest.importorskip("pypdfium2", reason="PDF pages need pypdfium2 (in the test extra)")
 
 
 def rgb(image) -> np.ndarray:
@@ -247,7 +248,7 @@ def test_frames_that_are_not_pages(tmp_path):
     assert [r.page_id for r in list_pages([mpo])] == [str(mpo)]
 
 
-def test_folders_globs_and_a_file_named_twice(tmp_path, monkeypatch):
+def test_folders_globs_and_a_file_named_twice(tmp_path, monkeypatch, pdfium):
     monkeypatch.chdir(tmp_path)
     scans = Path("scans")
     (scans / "sub").mkdir(parents=True)
@@ -293,7 +294,7 @@ def broken_pdfs(tmp_path) -> dict:
     return {name: cause for name, (_, cause) in files.items()}
 
 
-def test_pdf_errors_name_the_file_and_the_cause(tmp_path):
+def test_pdf_errors_name_the_file_and_the_cause(tmp_path, pdfium):
     causes = broken_pdfs(tmp_path)
     for order in (list(causes), list(reversed(causes))):       # pdfium's last error must not travel between files
         for name in order:
@@ -307,7 +308,7 @@ def test_pdf_errors_name_the_file_and_the_cause(tmp_path):
                 assert "password" not in str(e.value)
 
 
-def test_password(tmp_path):
+def test_password(tmp_path, pdfium):
     path = tmp_path / "locked.pdf"
     path.write_bytes(text_pdf(2, password="s3cret"))
     with pytest.raises(PageError, match="locked.pdf is password-protected and the password given does not open it"):
@@ -385,7 +386,7 @@ def test_a_damaged_multi_page_file_keeps_its_good_pages(tmp_path):
         load_image(refs[1])
 
 
-def test_pixel_limit_names_the_file_and_the_option(tmp_path):
+def test_pixel_limit_names_the_file_and_the_option(tmp_path, pdfium):
     path = tmp_path / "big.png"
     text_page(400, 300).save(path)
     before = Image.MAX_IMAGE_PIXELS
@@ -428,7 +429,7 @@ def huge_scan(tmp_path_factory):
     return path
 
 
-def test_huge_pages_are_decoded_at_the_size_the_views_need(huge_scan, tmp_path):
+def test_huge_pages_are_decoded_at_the_size_the_views_need(huge_scan, tmp_path, pdfium):
     # at full size the scan is 99.8 Mpx; JPEG's DCT scaling decodes it at 1/4 of a side for Tiny
     # (every view more than 3x smaller still; 1/8 would leave 2.3x), 1/2 for Base: a limit of
     # exactly that many pixels passes, one pixel less names the decoded size
@@ -441,8 +442,8 @@ def test_huge_pages_are_decoded_at_the_size_the_views_need(huge_scan, tmp_path):
             dk.preprocess(huge_scan, mode, max_pixels=w * h - 1)
     pdf = tmp_path / "poster.pdf"
     pdf.write_bytes(make_pdf([(7200, 7200, ["a 100-inch page"] * 40)]))
-    # 14400 px at 144 dpi; rendered so every view is 3x smaller: 1536 px (Tiny), 3072 (Base)
-    for mode, side in (("tiny", 1536), ("base", 3072)):
+    # 14400 px at 144 dpi; rendered so every view is 4x smaller: 2048 px (Tiny), 4096 (Base)
+    for mode, side in (("tiny", 2048), ("base", 4096)):
         dk.preprocess(pdf, mode, max_pixels=side * side)
         with pytest.raises(PageError, match=rf"poster.pdf page 1 is {side} x {side} = "):
             dk.preprocess(pdf, mode, max_pixels=side * side - 1)

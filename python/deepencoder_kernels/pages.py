@@ -43,6 +43,10 @@ MAX_PIXELS = 2 * 89_478_485
 # reduction: PIL's ``reducing_gap`` scale, where it calls the result "indistinguishable from fair
 # resampling in most cases" (3.0).
 REDUCING_GAP = 3
+# A PDF page rendered lower keeps every view 4x smaller: pdfium snaps glyphs to its pixel grid, and
+# at 3x a Tiny view of a 100-inch text page differed from the 144-dpi one by 2.3 levels on average,
+# at 4x by 0.34 (benchmarks/bench_pages.py's poster page; max 55-60 either way, at glyph edges).
+PDF_REDUCING_GAP = 4
 ALPHA = ("white", "drop")
 
 _EXIF_ORIENTATION = 0x0112
@@ -325,7 +329,7 @@ def render_pdf_page(path, index: int, dpi: float = PDF_DPI, password: str | None
     """Page ``index`` (0-based) of a PDF as an RGB PIL image, on white, at ``dpi`` (pdfium's size:
     the page's points times dpi / 72, rounded up), or lower when ``view_sizes`` says every view is
     more than ``2 * REDUCING_GAP`` times smaller (:func:`_pdf_scale`): a 100-inch page for a Tiny
-    view is rendered at 1536 px, not 14400. Raises PageError naming the file and page."""
+    view is rendered at 2048 px, not 14400. Raises PageError naming the file and page."""
     with _PDFIUM_LOCK:
         doc = _open_pdf(path, password)
         try:
@@ -359,8 +363,8 @@ def render_pdf_page(path, index: int, dpi: float = PDF_DPI, password: str | None
 def _pdf_scale(w_pt: float, h_pt: float, scale: float, view_sizes: Callable | None) -> float:
     """The render scale: ``scale``, or, when every view is more than ``2 * REDUCING_GAP`` times
     smaller than the page rendered at ``scale`` on both axes (the images' rule, :func:`reduction`),
-    the scale leaving every view exactly ``REDUCING_GAP`` times smaller (rendering has no blocks to
-    keep whole, so the scale need not be 1/k), provided the views keep their geometry."""
+    the scale leaving every view exactly ``PDF_REDUCING_GAP`` times smaller (rendering has no blocks
+    to keep whole, so the scale need not be 1/k), provided the views keep their geometry."""
     size = (math.ceil(w_pt * scale), math.ceil(h_pt * scale))
     if view_sizes is None:
         return scale
@@ -369,7 +373,7 @@ def _pdf_scale(w_pt: float, h_pt: float, scale: float, view_sizes: Callable | No
     if room < 2 * REDUCING_GAP:
         return scale
     for nudge in (1.0, 1.01, 1.02, 1.05, 1.1):          # a page whose aspect rounds differently: a little larger
-        reduced = scale * REDUCING_GAP / room * nudge
+        reduced = scale * PDF_REDUCING_GAP / room * nudge
         if view_sizes(math.ceil(w_pt * reduced), math.ceil(h_pt * reduced)) == sizes:
             return reduced
     return scale

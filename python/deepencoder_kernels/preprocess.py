@@ -19,7 +19,6 @@ Pixels are normalised to [-1, 1] (mean 0.5, std 0.5).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,18 +53,23 @@ def load_image(image, *, view_sizes=None, alpha: str = "white", max_pixels: int 
 
     ``view_sizes(width, height) -> [(w, h), ...]``: the size each view resizes the page to
     (:func:`view_sizes`); given, a page more than ``2 * pages.REDUCING_GAP`` (6) times larger than
-    every view on both axes is decoded at 1/k per side (JPEG DCT scaling, else PIL ``reduce``; a
-    PDF at 144/k dpi) with every view at least 3 times smaller than what remains, and only when
-    the views keep their geometry (grid, letterbox size). What exactness means here: upstream
-    resizes the full-resolution page with PIL (bicubic, antialiased), a function of every source
-    pixel, so any reduction first changes some output pixels; for the pages people scan and
-    photograph (up to ~6x the largest view: an A4 page at 300 dpi for every mode, a 12 MP photo
-    for every mode) nothing is reduced and the views are upstream's, bit for bit. Beyond that the
-    full decode costs memory and time growing with the page (a 14000 x 13000 scan: 546 MB decoded)
-    for no visible gain: the reduced views differ by a few levels at some sharp edges (measured in
-    ``benchmarks/bench_pages.py``: mean under 0.3 of a level, largest a few levels), as PIL's own
-    ``reducing_gap`` promises ("indistinguishable from fair resampling in most cases" from 3.0).
-    None: full resolution.
+    every view on both axes is decoded at 1/k per side (JPEG DCT scaling at 1/2, 1/4, 1/8, else PIL
+    ``reduce`` after decoding) leaving every view at least 3 times smaller, a PDF page rendered
+    below 144 dpi leaving every view 4 times smaller, and only when the views keep their geometry
+    (Gundam grid, letterbox size). None: full resolution.
+
+    What exactness means here: upstream resizes the full-resolution page with PIL (bicubic,
+    antialiased: every output pixel a function of every source pixel under it), so any reduction
+    before it changes some output pixels. The pages people scan and photograph are never reduced
+    (an A4 page at 300 dpi, a 12 MP photo, a PDF page up to A2 at 144 dpi: all under 6x
+    every view of every mode), and their views are upstream's, bit for bit (tested). Beyond that,
+    decoding every pixel costs time and memory growing with the page (a 14000 x 13000 scan: 5-10 s
+    and ~1 GiB, upstream's way) for no visible gain: measured by ``benchmarks/bench_pages.py``, the
+    reduced views of that scan differ from upstream's by at most 7 levels of 255 at a few sharp
+    edges (mean under 0.25); PIL calls a 3x gap "indistinguishable from fair resampling in most
+    cases" (``reducing_gap``). A PDF page rendered lower is rasterised anew (pdfium snaps glyphs to
+    its grid), so glyph edges move more: up to ~60 levels at some edges, mean under 0.4, on a
+    100-inch page of text (the same page at 144 dpi takes 4-12 s and 1.6 GiB).
 
     ``max_pixels``: the most pixels a page may be decoded or rendered at (after any reduction;
     default PIL's own bomb limit, 178,956,970; 0 or None: no limit); over it, a PageError names
