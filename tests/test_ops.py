@@ -59,7 +59,17 @@ def _varlen_args():
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (dict(k=torch.randn(10, 2, 7)), ValueError, r"k must have shape \[10, 2, 8\]"),
+    (dict(k=torch.randn(10, 2, 7)), ValueError, r"k must have shape \[10, \*, 8\]"),
+    (dict(k=torch.randn(10, 3, 8)), ValueError, "k has 3 heads, which must divide q's 2 heads"),
+    (dict(k=torch.randn(10, 1, 8)), ValueError, r"v must have shape \[10, 1, 8\]"),
+    (dict(prefix_lens=torch.tensor([1, 2])), TypeError, "prefix_lens must have dtype in"),
+    (dict(prefix_lens=torch.tensor([1], dtype=torch.int32)), ValueError, r"prefix_lens must have shape \[2\]"),
+    (dict(prefix_lens=torch.tensor([5, 2], dtype=torch.int32)), ValueError, r"prefix_lens\[0\] = 5 must be in \[0, sequence length 4\]"),
+    (dict(prefix_lens=torch.tensor([0, -1], dtype=torch.int32)), ValueError, r"prefix_lens\[1\] = -1 must be in"),
+    (dict(rope_cos=torch.randn(6, 8)), ValueError, "rope_cos and rope_sin must be given together"),
+    (dict(rope_cos=torch.randn(5, 8), rope_sin=torch.randn(5, 8)), ValueError, "rope_cos has 5 positions, fewer than max_seqlen=6"),
+    (dict(rope_cos=torch.randn(6, 4), rope_sin=torch.randn(6, 4)), ValueError, r"rope_cos must have shape \[\*, 8\]"),
+    (dict(rope_cos=torch.randn(6, 8), rope_sin=torch.ones(6, 8, dtype=torch.int64)), TypeError, "rope_sin must have dtype in"),
     (dict(v=torch.randn(10, 2, 8, dtype=torch.float16)), TypeError, "v must have dtype in"),
     (dict(cu_seqlens=torch.tensor([0, 4, 10])), TypeError, "cu_seqlens must have dtype in \\['torch.int32'\\]"),
     (dict(cu_seqlens=torch.tensor([0], dtype=torch.int32)), ValueError, "num_seqs \\+ 1 >= 2"),

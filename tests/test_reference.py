@@ -139,3 +139,82 @@ def test_saccade_reference_order_ties_and_nan():
     assert torch.equal(out[:, 0], pos.float()) and cu.tolist() == [0, 6]
     _, pos, _ = ref.saccade_gather(scores[None], feats[None], torch.tensor([3]), spatial_order=True)
     assert pos.tolist() == [0, 2, 5]
+
+
+def _dense_prefix_lm(q, k, v, lengths, prefixes, cos=None, sin=None):
+    """An independent oracle written the way DeepSeek-OCR 2's code runs it: per sequence, RoPE as
+    transformers applies it, K/V repeated per query group, a dense [L, L] float mask filled with
+    finfo.min and opened row by row, then SDPA."""
+    out, start = torch.zeros_like(q), 0
+    group = q.shape[1] // k.shape[1]
+    for n, p in zip(lengths, prefixes):
+        s = slice(start, start + n)
+        start += n
+        if n == 0:
+            continue
+        qi, ki, vi = (t[s].transpose(0, 1)[None] for t in (q, k, v))        # [1, heads, n, d]
+        if cos is not None:
+            c, si = cos[:n].to(q.dtype), sin[:n].to(q.dtype)
+            half = q.shape[-1] // 2
+            rot = lambda x: torch.cat([-x[..., half:], x[..., :half]], -1)  # noqa: E731
+            qi, ki = qi * c + rot(qi) * si, ki * c + rot(ki) * si
+        ki, vi = (t[:, :, None].expand(-1, -1, group, -1, -1).reshape(1, -1, n, t.shape[-1]) for t in (ki, vi))
+        mask = torch.full((n, n), torch.finfo(q.dtype).min, dtype=q.dtype)
+        if p is None:
+            mask.zero_()
+        else:
+            mask[:p, :p] = 0
+            for i in range(p, n):
+                mask[i, : i + 1] = 0
+        out[s] = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (7, 1)])
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("lengths,prefixes", [
+    ([6, 6, 6], [3, 0, 6]),                     # equal lengths: the packed rows are the padded layout
+    ([1, 9, 0, 16, 5], [1, 4, 0, 8, 0]),        # mixed, empty, length 1, prefix on/inside a boundary
+    ([5, 12], [None, None]),                    # no prefix: bidirectional with key padding
+])
+def test_varlen_reference_prefix_lm_gqa_rope(heads, kv_heads, rope, lengths, prefixes):
+    torch.manual_seed(0)
+    total, d = sum(lengths), 8
+    q = torch.randn(total, heads, d, dtype=torch.float64)
+    k, v = (torch.randn(total, kv_heads, d, dtype=torch.float64) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    prefix = None if prefixes[0] is None else torch.tensor(prefixes, dtype=torch.int32)
+    cos = sin = None
+    if rope:
+        cos, sin = ref.rope_tables(max(lengths), d, 1e6, torch.float64)
+    got = ref.varlen_attention(q, k, v, cu, max(lengths), None, prefix_lens=prefix, rope_cos=cos, rope_sin=sin)
+    want = _dense_prefix_lm(q, k, v, lengths, prefixes, cos, sin)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_varlen_reference_chunks_and_gradients():
+    """Sequences split into several padded chunks give the same rows; gradients flow to q, k, v."""
+    lengths, prefixes = [3, 7, 2, 7], [1, 7, 0, 4]
+    cu = torch.tensor([0, 3, 10, 12, 19], dtype=torch.int32)
+    q = torch.randn(19, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(19, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(19, 2, 8, dtype=torch.float64, requires_grad=True)
+    prefix = torch.tensor(prefixes, dtype=torch.int32)
+    old = ref.VARLEN_CHUNK_SCORES
+    try:
+        ref.VARLEN_CHUNK_SCORES = 4 * 7 * 7   # one sequence per chunk
+        chunked = ref.varlen_attention(q, k, v, cu, 7, prefix_lens=prefix)
+    finally:
+        ref.VARLEN_CHUNK_SCORES = old
+    whole = ref.varlen_attention(q, k, v, cu, 7, prefix_lens=prefix)
+    assert torch.equal(chunked, whole)
+    torch.testing.assert_close(whole, _dense_prefix_lm(q.detach(), k.detach(), v.detach(), lengths, prefixes))
+    assert torch.autograd.gradcheck(lambda a, b, c: ref.varlen_attention(a, b, c, cu, 7, prefix_lens=prefix), (q, k, v))
+
+
+def test_rope_tables_match_transformers_formula():
+    cos, sin = ref.rope_tables(512, 64, 1e6, torch.bfloat16)
+    inv = 1.0 / (1e6 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64))
+    freqs = (inv[None, :, None] @ torch.arange(512)[None, None, :].float()).transpose(1, 2)[0]   # transformers' matmul form
+    emb = torch.cat([freqs, freqs], -1)
+    assert torch.equal(cos, emb.cos().to(torch.bfloat16)) and torch.equal(sin, emb.sin().to(torch.bfloat16))

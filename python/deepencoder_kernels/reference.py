@@ -156,35 +156,137 @@ def compress(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, ne
 # ------------------------------------------------------------------------------------------
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, rel_pos_h=None, rel_pos_w=None, grid_hw=None):
-    """Per-sequence softmax attention over packed tokens, no mask between tokens of a sequence.
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [-x2, x1] with x = [x1, x2] halves (the rotate-half RoPE convention of Qwen2 / Llama)."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
-    q, k, v: [total, heads, d]; cu_seqlens: int32 [num_seqs + 1]. With ``rel_pos_h/w`` and
-    ``grid_hw`` ([num_seqs, 2]: h, w with h * w = length) each sequence gets SAM's decomposed
-    bias for its own grid (tables resized per grid as upstream does). Returns [total, heads, d].
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in x's dtype (cos/sin cast to it first, as transformers'
+    rotary embedding returns them); x [..., L, heads, d], cos/sin [L, d]."""
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_tables(length: int, dim: int, theta: float, dtype: torch.dtype, device=None):
+    """(cos, sin) ``[length, dim]`` for positions 0..length-1: transformers' default RoPE
+    (``inv_freq = 1 / theta^(2i / dim)`` in fp32, ``emb = cat(freqs, freqs)``, cos/sin in fp32, then
+    cast to the activation dtype), as Qwen2's rotary embedding makes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    freqs = torch.arange(length, device=device).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def prefix_lm_allowed(length_q: int, length_k: int, prefix: torch.Tensor, lengths: torch.Tensor | None = None):
+    """Boolean ``[S, 1, Lq, Lk]``: key j is visible to row i iff ``j < p`` or ``j <= i`` (``prefix``
+    int ``[S]``; p = 0 is causal, p = length bidirectional), and ``j < length`` when ``lengths`` is given."""
+    i = torch.arange(length_q, device=prefix.device)[:, None]
+    j = torch.arange(length_k, device=prefix.device)[None, :]
+    allowed = (j < prefix.long()[:, None, None]) | (j <= i)
+    if lengths is not None:
+        allowed = allowed & (j < lengths.long()[:, None, None])
+    return allowed[:, None]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where allowed, ``finfo(dtype).min`` elsewhere, in the activation dtype (DeepSeek-OCR 2's mask)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _sdpa(q, k, v, scale, mask=None):
+    """q [S, L, heads, d], k/v [S, L, kv_heads, d] -> [S, L, heads, d]: SDPA with K/V repeated per
+    query group (transformers' ``repeat_kv``: query head h reads kv head h // (heads // kv_heads))."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+# padded work per chunk of sequences: at most this many score elements (a bound from shapes, not data)
+VARLEN_CHUNK_SCORES = 1 << 26
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, rel_pos_h=None, rel_pos_w=None, grid_hw=None,
+                     prefix_lens=None, rope_cos=None, rope_sin=None):
+    """Per-sequence softmax attention over packed tokens.
+
+    q: [total, heads, d]; k, v: [total, kv_heads, d] (GQA when kv_heads < heads: query head h reads
+    kv head h // (heads // kv_heads), transformers' ``repeat_kv``); cu_seqlens: int32 [num_seqs + 1].
+    - ``rope_cos``/``rope_sin`` ([>= max_seqlen, d]): RoPE on q and k (rotate-half, position = index
+      within the sequence, in q's dtype as transformers applies it).
+    - ``prefix_lens`` (int [num_seqs]): the prefix-LM mask, as DeepSeek-OCR 2's decoder-as-encoder
+      builds it (``qwen2_d2e.py``): rows i < p see keys j < p, rows i >= p keys j <= i; an additive
+      ``finfo(dtype).min`` mask in the activation dtype. None: no mask (bidirectional, CLIP).
+    - ``rel_pos_h/w`` + ``grid_hw`` ([num_seqs, 2]: h, w with h * w = length): SAM's decomposed bias
+      per sequence for its own grid (tables resized per grid as upstream does).
+    Without a bias this runs with no host read (sequences gathered into padded chunks by index math,
+    ``max_seqlen`` given), so it traces under ``torch.compile(fullgraph=True)``; the rel-pos path
+    reads ``cu_seqlens``/``grid_hw`` to the host (one sequence at a time, upstream's per-image loop).
+    Returns [total, heads, d].
     """
     total, heads, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     num_seqs = cu_seqlens.shape[0] - 1
-    if rel_pos_h is None and max_seqlen is not None and num_seqs * max_seqlen == total:
-        # Every length is <= max_seqlen and they sum to num_seqs * max_seqlen: all are equal, so
-        # one batched SDPA does it, with no host read (upstream CLIP's own call).
-        qb, kb, vb = (t.view(num_seqs, max_seqlen, heads, d).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
-        return out.transpose(1, 2).reshape(total, heads, d)
-    out = torch.empty_like(q)
+    if rel_pos_h is not None:
+        return _varlen_rel_pos(q, k, v, cu_seqlens, scale, rel_pos_h, rel_pos_w, grid_hw, prefix_lens, rope_cos, rope_sin)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if num_seqs else 0
+    L = max_seqlen
+    if total == 0 or num_seqs == 0 or L == 0:
+        return torch.zeros_like(q)
+    if num_seqs * L == total:
+        # Every length is <= L and they sum to num_seqs * L: all equal, so the packed rows are the
+        # padded layout as they are (upstream's own batched call, no key padding to mask).
+        gather, lengths = None, None
+        qp, kp, vp = (t.view(num_seqs, L, t.shape[1], d) for t in (q, k, v))
+    else:
+        starts = cu_seqlens[:-1].long()
+        lengths = cu_seqlens[1:].long() - starts
+        gather = (starts[:, None] + torch.arange(L, device=q.device)[None, :]).clamp(max=total - 1)   # [S, L]
+        qp, kp, vp = (t[gather] for t in (q, k, v))
+    if rope_cos is not None:
+        qp, kp = apply_rope(qp, rope_cos[:L], rope_sin[:L]), apply_rope(kp, rope_cos[:L], rope_sin[:L])
+    chunk = max(1, VARLEN_CHUNK_SCORES // (heads * L * L))
+    outs = []
+    for s0 in range(0, num_seqs, chunk):
+        part = slice(s0, min(num_seqs, s0 + chunk))
+        mask = None
+        if prefix_lens is not None:
+            mask = additive_mask(prefix_lm_allowed(L, L, prefix_lens[part], None if lengths is None else lengths[part]), q.dtype)
+        elif lengths is not None:
+            keys = torch.arange(L, device=q.device)[None, :] < lengths[part, None]
+            mask = additive_mask(keys[:, None, None, :], q.dtype)
+        outs.append(_sdpa(qp[part], kp[part], vp[part], scale, mask))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]    # [S, L, heads, d]
+    if gather is None:
+        return out.reshape(total, heads, d)
+    rows = torch.arange(total, device=q.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)   # each packed row's sequence (empty ones skipped)
+    return out[seq, rows - cu_seqlens.long()[seq]]
+
+
+def _varlen_rel_pos(q, k, v, cu_seqlens, scale, rel_pos_h, rel_pos_w, grid_hw, prefix_lens, rope_cos, rope_sin):
+    """The rel-pos path of :func:`varlen_attention`: one sequence at a time with its dense bias."""
+    out = torch.zeros_like(q)
     bounds = cu_seqlens.tolist()
-    grids = grid_hw.tolist() if grid_hw is not None else None
+    grids = grid_hw.tolist()
+    prefixes = prefix_lens.tolist() if prefix_lens is not None else None
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if end == start:
+        n = end - start
+        if n == 0:
             continue
-        qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, d]
-        bias = None
-        if rel_pos_h is not None:
-            h, w = grids[i]
-            bias = rel_pos_bias(qi, rel_pos_h, rel_pos_w, h, w)
-        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=bias, scale=scale)
-        out[start:end] = oi[0].transpose(0, 1)
+        qi, ki, vi = (t[start:end][None] for t in (q, k, v))   # [1, n, heads, d]
+        if rope_cos is not None:
+            qi, ki = apply_rope(qi, rope_cos[:n], rope_sin[:n]), apply_rope(ki, rope_cos[:n], rope_sin[:n])
+        h, w = grids[i]
+        mask = rel_pos_bias(qi.transpose(1, 2), rel_pos_h, rel_pos_w, h, w)   # [1, heads, n, n], unscaled q
+        if prefixes is not None:
+            allowed = prefix_lm_allowed(n, n, torch.tensor([prefixes[i]], device=q.device))
+            mask = mask + additive_mask(allowed, q.dtype)
+        out[start:end] = _sdpa(qi, ki, vi, scale, mask)[0]
     return out
 
 

@@ -27,11 +27,19 @@ def varlen_attention(
     check_values: bool = True,
     allow_empty: bool = False,
     max_side: Optional[int] = None,
+    prefix_lens: Optional[torch.Tensor] = None,
+    rope_cos: Optional[torch.Tensor] = None,
+    rope_sin: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Non-causal softmax attention within each packed sequence (``flash_attn_varlen_func``-style).
+    """Softmax attention within each packed sequence (``flash_attn_varlen_func``-style): bidirectional
+    (CLIP), with SAM's rel-pos bias per sequence, or prefix-LM with GQA and RoPE (DeepEncoder V2's
+    causal-flow stage).
 
     Args:
-        q, k, v: ``[total, heads, d]``, same shape, dtype and device.
+        q: ``[total, heads, d]``.
+        k, v: ``[total, kv_heads, d]``, same dtype and device as q, ``heads % kv_heads == 0``
+            (grouped-query attention: query head ``h`` reads kv head ``h // (heads // kv_heads)``,
+            transformers' ``repeat_kv`` order; K/V are read in place, never repeated).
         cu_seqlens: int32 ``[num_seqs + 1]``: sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
             An empty sequence is an error unless ``allow_empty`` (then it produces nothing; e.g. the
             ``cu_seqlens`` of a saccade gather where some image's budget is 0).
@@ -48,6 +56,17 @@ def varlen_attention(
             ``max_seqlen`` bounds the lengths: with it nothing is read to the host, so the call
             can be captured in a CUDA graph and replayed with other grids up to that side. None:
             read ``grid_hw`` to the host for it (eager only).
+        prefix_lens: int32 ``[num_seqs]`` on q's device: the prefix-LM mask, no mask tensor: rows
+            ``i < p`` attend to keys ``j < p``, rows ``i >= p`` to keys ``j <= i`` (p = 0 is causal, p =
+            the length is bidirectional). DeepEncoder V2: p = n image tokens, then n causal queries.
+        rope_cos, rope_sin: ``[R, d]`` with ``R >= max_seqlen``, as the model computes them
+            (transformers' layout: ``cat(freqs, freqs)``; any float dtype, cast to q's dtype): RoPE
+            applied to q and k (rotate-half), position = index within the sequence. Together or not at all.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong dtype, shape, device, head counts that do
+        not divide, tables shorter than ``max_seqlen``, and (with ``check_values``) offsets, grids or
+        prefix lengths out of range.
 
     Returns:
         ``[total, heads, d]``.
@@ -55,10 +74,14 @@ def varlen_attention(
     Equivalent PyTorch: :func:`deepencoder_kernels.reference.varlen_attention`.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, dtypes=(q.dtype,), device=q.device)
-        check_shape(name, t, tuple(q.shape))
     total, heads, d = q.shape
+    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
+    check_shape("k", k, (total, None, d))
+    kv_heads = k.shape[1]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"k has {kv_heads} heads, which must divide q's {heads} heads (grouped-query attention)")
+    check_tensor("v", v, dtypes=(q.dtype,), device=q.device)
+    check_shape("v", v, tuple(k.shape))
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
     q, k, v = (kernel_layout(t, rows=True) for t in (q, k, v))
     cu_seqlens = kernel_layout(cu_seqlens)
@@ -86,6 +109,21 @@ def varlen_attention(
                          "grid_hw cannot be read to the host there")
     else:
         max_side = max(1, int(grid_hw.max())) if grid_hw.numel() else 1
+    if prefix_lens is not None:
+        check_tensor("prefix_lens", prefix_lens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape("prefix_lens", prefix_lens, (cu_seqlens.shape[0] - 1,))
+        prefix_lens = kernel_layout(prefix_lens)
+    if (rope_cos is None) != (rope_sin is None):
+        raise ValueError("rope_cos and rope_sin must be given together or not at all")
+    if rope_cos is not None:
+        if d % 2:
+            raise ValueError(f"RoPE (rotate-half) needs an even head dim, got d = {d}")
+        for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+            check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
+            check_shape(name, t, (None, d))
+            if t.shape[0] < max_seqlen:
+                raise ValueError(f"{name} has {t.shape[0]} positions, fewer than max_seqlen={max_seqlen}")
+        rope_cos, rope_sin = kernel_layout(rope_cos), kernel_layout(rope_sin)
     if check_values and not capturing(q.device):
         lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen, allow_empty)
         if grid_hw is not None:
@@ -94,16 +132,22 @@ def varlen_attention(
                     raise ValueError(f"grid_hw[{i}] = ({h}, {w}) must be positive with h * w = sequence length {n}")
                 if max(h, w) > max_side:
                     raise ValueError(f"grid_hw[{i}] = ({h}, {w}) exceeds max_side={max_side}")
-    args = (q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side)
+        if prefix_lens is not None:
+            for i, (p, n) in enumerate(zip(prefix_lens.tolist(), lengths)):
+                if not 0 <= p <= n:
+                    raise ValueError(f"prefix_lens[{i}] = {p} must be in [0, sequence length {n}]")
+    args = (q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin)
     return run(OP, _call_op, args, q.device, q.dtype)
 
 
-def _call_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, backend):
+def _call_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos,
+             rope_sin, backend):
     """The custom op; under autograd its training variant, which also keeps the row logsumexp and
     takes the packed tables (every side up to ``max_side``) resized differentiably here, so autograd
     differentiates the interpolation as upstream's does."""
     if not needs_grad(q, k, v, rel_pos_h, rel_pos_w):
-        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, backend)
+        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side,
+                                    prefix_lens, rope_cos, rope_sin, backend)
     tables_h = tables_w = None
     if rel_pos_h is not None:
         tables_h, tables_w = (torch.cat([reference.resize_rel_pos(t, 2 * s - 1) for s in range(1, max_side + 1)])
@@ -111,8 +155,10 @@ def _call_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_
     return _varlen_attention_train_op(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend)[0]
 
 
-def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side):
-    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw)
+def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos,
+               rope_sin):
+    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, prefix_lens,
+                                      rope_cos, rope_sin)
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP}", mutates_args=())
@@ -127,13 +173,18 @@ def _varlen_attention_op(
     rel_pos_w: Optional[torch.Tensor],
     grid_hw: Optional[torch.Tensor],
     max_side: int,
+    prefix_lens: Optional[torch.Tensor],
+    rope_cos: Optional[torch.Tensor],
+    rope_sin: Optional[torch.Tensor],
     backend: str,
 ) -> torch.Tensor:
-    return impl_of(OP, backend)(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side)
+    return impl_of(OP, backend)(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side,
+                                prefix_lens, rope_cos, rope_sin)
 
 
 @_varlen_attention_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin,
+      backend):
     return torch.empty_like(q)
 
 
@@ -165,7 +216,8 @@ def packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw, max_side: int):
     return grid, tables_h, tables_w, table_rows, max_side, max_side
 
 
-def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, interpret: bool):
+def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens=None, rope_cos=None,
+           rope_sin=None, *, interpret: bool):
     from deepencoder_kernels.kernels.varlen_attention import varlen_attention_fwd
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -174,11 +226,16 @@ def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw
     return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, tables, interpret=interpret)
 
 
-def _fused_accepts(q, *rest):
+def _fused_accepts(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos,
+                   rope_sin):
     from .rel_pos_attention import FUSED_HEAD_DIMS
 
     d = q.shape[-1]
-    return None if d in FUSED_HEAD_DIMS else f"head_dim {d} not in {FUSED_HEAD_DIMS}"
+    if d not in FUSED_HEAD_DIMS:
+        return f"head_dim {d} not in {FUSED_HEAD_DIMS}"
+    if k.shape[1] != q.shape[1] or prefix_lens is not None or rope_cos is not None:
+        return "grouped-query attention, prefix_lens and RoPE are not in the fused kernel yet"
+    return None
 
 
 triton_backends(OP, _fused, _fused_accepts, differentiable=True)
