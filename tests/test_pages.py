@@ -491,3 +491,27 @@ def test_reduction_rule():
     for size in ((14000, 13000), (12345, 6789), (40000, 5000)):
         k = P.reduction(size, gundam)
         assert gundam(-(-size[0] // k), -(-size[1] // k)) == gundam(*size), size
+
+
+def test_a_gifs_pages_in_order_decode_each_frame_once(tmp_path, monkeypatch):
+    """GIF frames are composed from the frames before them: a fresh open per page would decode
+    frames 1..k for page k+1 (N^2 / 2 in all); the file of the last read is kept open instead."""
+    from PIL import GifImagePlugin
+
+    frames = [text_page(120, 160, seed=s) for s in range(8)]
+    path = tmp_path / "eight.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    refs = list_pages([path])
+    decoded = []
+    real_seek = GifImagePlugin.GifImageFile._seek
+
+    def counting_seek(self, frame, update_image=True):
+        if update_image:
+            decoded.append(frame)
+        return real_seek(self, frame, update_image)
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek", counting_seek)
+    pages = [load_image(ref) for ref in refs]
+    assert all(np.array_equal(rgb(p), rgb(f)) for p, f in zip(pages, frames))
+    assert [f for f in decoded if f] == list(range(1, len(frames))), decoded      # (frame 0: opening the file)
+    assert np.array_equal(rgb(load_image(refs[2])), rgb(frames[2]))      # going back reopens the file

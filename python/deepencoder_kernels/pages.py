@@ -494,6 +494,46 @@ def reduction(size, view_sizes: Callable | None, choices: Iterable[int] | None =
     return fallback
 
 
+# GIF, APNG and WebP frames are composed from the frames before them, so PIL reaches frame k by
+# decoding frames 1..k: reading a file's N pages each from a fresh open would cost N^2 / 2 frame
+# decodes. The file of the last such read stays open (one per thread), and the next page of it
+# is one more seek.
+_SEQUENTIAL = frozenset({"GIF", "PNG", "WEBP"})
+_held = threading.local()
+
+
+def _release(path=None) -> None:
+    held = getattr(_held, "image", None)
+    if held is not None and (path is None or held[0] == os.path.realpath(path)):
+        _held.image = None
+        held[2].close()
+
+
+def _open_at(path, frame: int):
+    """A PIL image of ``path`` seeked to ``frame``, and its file for the caller to close after
+    loading (None: the image is the held one, left open)."""
+    key = os.path.realpath(path)
+    stat = os.stat(path)
+    held = getattr(_held, "image", None)
+    if held is not None and held[0] == key and held[1] == (stat.st_mtime_ns, stat.st_size) and held[3].tell() <= frame:
+        held[3].seek(frame)
+        return held[3], None
+    _release()
+    f = open(path, "rb")
+    try:
+        im = Image.open(f)
+        sequential = im.format in _SEQUENTIAL and getattr(im, "n_frames", 1) > 1
+        if sequential:
+            _held.image = (key, (stat.st_mtime_ns, stat.st_size), f, im)
+        if frame:
+            im.seek(frame)
+    except BaseException:
+        _release(path)
+        f.close()
+        raise
+    return im, None if sequential else f
+
+
 def read_image_frame(path, frame: int = 0, page: int | None = None, *, view_sizes: Callable | None = None,
                      alpha: str = "white", max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """Frame ``frame`` of an image file -> RGB: EXIF orientation applied, decoded at 1/k per side
@@ -501,23 +541,30 @@ def read_image_frame(path, frame: int = 0, page: int | None = None, *, view_size
     then :func:`to_rgb`. Raises PageError naming the file and ``page``."""
     _heif_opener()
     try:
-        with _pil_limit_lifted(), open(path, "rb") as f:
-            im = Image.open(f)
-            if frame:
-                im.seek(frame)
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-            w, h = im.size
-            display = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-            drafted = False
-            if im.format in ("JPEG", "MPO") and frame == 0:     # libjpeg decodes at 1/2, 1/4, 1/8 directly
-                s = reduction(display, view_sizes, choices=(8, 4, 2))
-                drafted = s > 1 and im.draft(None, (w // s, h // s)) is not None
-            _check_pixels(path, page, im.size, max_pixels)
-            im.load()
-            tags = _sample_tags(im)
-            # read again after loading, as ImageOps.exif_transpose does: PIL's TIFF loader may have
-            # applied the orientation itself (and removed the tag)
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        with _pil_limit_lifted():
+            im, f = _open_at(path, frame)
+            try:
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+                w, h = im.size
+                display = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+                drafted = False
+                if im.format in ("JPEG", "MPO") and frame == 0:     # libjpeg decodes at 1/2, 1/4, 1/8 directly
+                    s = reduction(display, view_sizes, choices=(8, 4, 2))
+                    drafted = s > 1 and im.draft(None, (w // s, h // s)) is not None
+                _check_pixels(path, page, im.size, max_pixels)
+                im.load()
+                tags = _sample_tags(im)
+                # read again after loading, as ImageOps.exif_transpose does: PIL's TIFF loader may have
+                # applied the orientation itself (and removed the tag)
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+                if f is None:           # the held image moves on to the next frame: this one is copied out
+                    im = im.copy()
+            except BaseException:
+                _release(path)
+                raise
+            finally:
+                if f is not None:
+                    f.close()
         k = 1 if drafted else reduction(display, view_sizes)      # other formats: reduced after decoding
         if k > 1:
             im = _reduce(im, k)
