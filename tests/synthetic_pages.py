@@ -50,10 +50,12 @@ def _padded(password: str) -> bytes:
     return (password.encode("latin-1") + _PAD)[:32]
 
 
-def make_pdf(pages, password: str | None = None, kids=True) -> bytes:
+def make_pdf(pages, password: str | None = None, kids=True, owner: str | None = None) -> bytes:
     """``pages``: [(width_pt, height_pt, [lines of text])] -> a PDF's bytes (one Helvetica text block
-    per page, sized to the page). ``password``: the user password (RC4 40-bit, revision 2; the
-    owner password is the same). ``kids=False``: a page tree with no pages (``/Count 0``)."""
+    per page, sized to the page). ``password``: the user password (RC4 40-bit, revision 2);
+    ``owner``: the owner password (default: the user password; ``password=""`` with an owner
+    password is a PDF that opens for anyone, with restricted permissions). ``kids=False``: a page
+    tree with no pages (``/Count 0``)."""
     file_id = hashlib.md5(repr(pages).encode()).digest()
     objects: dict[int, bytes] = {}
     n_pages = len(pages) if kids else 0
@@ -63,7 +65,7 @@ def make_pdf(pages, password: str | None = None, kids=True) -> bytes:
     objects[3] = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"
     key = None
     if password is not None:
-        o = rc4(hashlib.md5(_padded(password)).digest()[:5], _padded(password))
+        o = rc4(hashlib.md5(_padded(password if owner is None else owner)).digest()[:5], _padded(password))
         perms = -44
         key = hashlib.md5(_padded(password) + o + perms.to_bytes(4, "little", signed=True) + file_id).digest()[:5]
         u = rc4(key, _PAD)

@@ -319,6 +319,11 @@ def test_password(tmp_path, pdfium):
     assert page.size == (1224, 1584) and rgb(page).min() < 40 and rgb(page).mean() > 200     # Letter at 144 dpi: text
     with pytest.raises(PageError, match="locked.pdf is password-protected: give its password"):
         load_image(refs[1])
+    # an owner password alone (restricted permissions) opens for anyone, as in every viewer
+    restricted = tmp_path / "restricted.pdf"
+    restricted.write_bytes(make_pdf([(300, 400, ["printing not allowed"])], password="", owner="0wner"))
+    assert b"/Encrypt" in restricted.read_bytes()
+    assert rgb(load_image(f"{restricted}#page=1")).min() < 40
 
 
 def test_image_errors_name_the_file_and_the_cause(tmp_path):
