@@ -71,13 +71,14 @@ def load_image(image, *, view_sizes=None, alpha: str = "white", max_pixels: int 
     before it changes some output pixels. The pages people scan and photograph are never reduced
     (an A4 page at 300 dpi, a 12 MP photo, a PDF page up to A2 at 144 dpi: all under 6x
     every view of every mode), and their views are upstream's, bit for bit (tested). Beyond that,
-    decoding every pixel costs time and memory growing with the page (a 14000 x 13000 scan: 5-10 s
-    and ~1 GiB, upstream's way) for no visible gain: measured by ``benchmarks/bench_pages.py``, the
-    reduced views of that scan differ from upstream's by at most 7 levels of 255 at a few sharp
-    edges (mean under 0.25); PIL calls a 3x gap "indistinguishable from fair resampling in most
-    cases" (``reducing_gap``). A PDF page rendered lower is rasterised anew (pdfium snaps glyphs to
-    its grid), so glyph edges move more: up to ~60 levels at some edges, mean under 0.4, on a
-    100-inch page of text (the same page at 144 dpi takes 4-12 s and 1.6 GiB).
+    decoding every pixel costs time and memory growing with the page (a 14000 x 13000 scan: 5-9 s
+    and ~1.05 GiB, upstream's way; 0.4-2.3 s and 30-353 MiB here, Tiny to Gundam) for no visible
+    gain: measured by ``benchmarks/bench_pages.py``, the reduced views of that scan differ from
+    upstream's by at most 7 levels of 255 at a few sharp edges (mean under 0.25); PIL calls a 3x
+    gap "indistinguishable from fair resampling in most cases" (``reducing_gap``). A PDF page
+    rendered lower is rasterised anew (pdfium snaps glyphs to its grid), so glyph edges move more:
+    up to ~70 levels at some edges, mean under 0.35, on a 100-inch page of text (8-12 s and 1.6 GiB
+    at 144 dpi; 0.16-3.1 s and 41-436 MiB here).
 
     ``max_pixels``: the most pixels a page may be decoded or rendered at (after any reduction;
     default PIL's own bomb limit, 178,956,970; 0 or None: no limit); over it, a PageError names
