@@ -196,7 +196,8 @@ def test_encode_verb_with_ray_runs_the_pipeline_with_its_arguments(monkeypatch, 
                      "--concurrency", "2", "--ray-address", "ray://head:10001", "--format", "parquet", "--recursive",
                      "--password", "pw", "--alpha", "drop", "--max-pixels", "0"]) == 0
     assert seen["source"] == ["a.png", "doc.pdf"] and seen["mode"] == "tiny" and seen["batch_size"] == 3
-    assert (seen["concurrency"], seen["ray_address"], seen["fmt"], seen["max_crops"]) == (2, "ray://head:10001", "parquet", 9)
+    # --max-crops unset: None, the mode's own budget (encode's default since --model)
+    assert (seen["concurrency"], seen["ray_address"], seen["fmt"], seen["max_crops"]) == (2, "ray://head:10001", "parquet", None)
     assert (seen["recursive"], seen["password"], seen["alpha"], seen["max_pixels"]) == (True, "pw", "drop", 0)
     assert "1/1 pages encoded" in capsys.readouterr().out
 

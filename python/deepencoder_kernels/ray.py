@@ -202,7 +202,8 @@ def tokens_of(row: dict) -> torch.Tensor:
 
 def build_dataset(pages: list[dict], spec: EncoderSpec, *, batch_size: int = 8, concurrency: int | None = None,
                   num_gpus: float | None = None, device: str | None = None, dtype: str = "auto", backend: str = "auto",
-                  max_crops: int = cfg.GUNDAM_MAX_CROPS, preprocess_cpus: float = 1):
+                  max_crops: int = cfg.GUNDAM_MAX_CROPS, preprocess_cpus: float = 1, alpha: str = "white",
+                  max_pixels: int | None = MAX_PIXELS, password: str | None = None):
     """The Ray Data pipeline over page items that carry a ``mode``; lazy: nothing runs until consumed.
     ``num_gpus`` per actor defaults to 1 when the cluster has GPUs, else 0 (CPU actors);
     ``concurrency`` (actors) defaults to the cluster's GPUs, or 1 on CPU. A dead encoder actor is
