@@ -731,7 +731,7 @@ def read_page_image(source, *, view_sizes: Callable | None = None, alpha: str = 
             raise FileNotFoundError(f"image: no such file: {source}")
         source = _locate(path, page, password)
     if not isinstance(source, PageRef):
-        raise TypeError(f"image must be a PIL image, a path or a PageRef, got {type(source).__name__}")
+        raise TypeError(f"image must be a PIL image or a path (or a PageRef), got {type(source).__name__}")
     if source.error:
         raise PageError(source.path, source.error, source.page)
     if source.kind == "pdf":
