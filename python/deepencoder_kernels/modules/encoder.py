@@ -68,9 +68,10 @@ class _PageEncoder(nn.Module):
 
         return load_checkpoint(self, path, strict=strict)
 
-    def preprocess(self, image, mode: str, max_crops: int | None = None) -> Views:
-        """One image (path or PIL) -> its views for this generation's ``mode``."""
-        return preprocess(image, mode, max_crops, self.generation)
+    def preprocess(self, image, mode: str, max_crops: int | None = None, **read) -> Views:
+        """One image (path or PIL) -> its views for this generation's ``mode``; ``read``:
+        :func:`~deepencoder_kernels.preprocess.load_image`'s options (``alpha``, ``max_pixels``, ``password``)."""
+        return preprocess(image, mode, max_crops, self.generation, **read)
 
     @property
     def _placement(self):
