@@ -10,6 +10,17 @@ projection (``[total, 3, heads, d]``) with no copy.
 With a bias, each sequence carries its grid ``h x w`` (row-major tokens) and the row offsets of its
 resized tables inside one concatenated table per axis; the bias itself is built tile by tile on
 chip from ``q @ table^T`` (``attention_core``), as in the SAM kernel.
+
+DeepEncoder V2's causal flow adds three things, each a constexpr switch (the other paths compile as
+before):
+- GQA (``GROUP`` query heads per kv head): query head ``h`` reads kv head ``h // GROUP`` in place
+  (transformers' ``repeat_kv`` order); a group's programs are adjacent, so its K/V stay in L2.
+- prefix-LM (``HAS_PREFIX``, ``prefix_lens[seq] = p``): row ``i`` sees keys ``j < max(p, i + 1)``.
+  A q tile loads key tiles up to ``max(p, min(n, tile end))`` only (the rest are skipped, never
+  loaded); tiles below its rows' smallest bound ``max(p, tile start + 1)`` run with no mask, and
+  only the tiles in between take the per-pair mask.
+- RoPE on load (``HAS_ROPE``): q and each k tile are rotated as they are read (rotate-half, the
+  position is the row's index within its sequence, cos/sin tables cast to q's dtype).
 """
 from __future__ import annotations
 

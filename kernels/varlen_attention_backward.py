@@ -7,7 +7,14 @@ writes (no float atomics: deterministic):
 - ``_dq_kernel`` (per q tile): ``dq``, ``delta = rowsum(dO * O)`` for the second kernel and, with
   the bias, ``d(qR)`` through the gather (``attention_core.sum_by_key_coord``) into ``dq`` and a
   per-program partial table gradient (the ops layer sums them per side in a fixed order);
-- ``_dkv_kernel`` (per key tile): ``dk``, ``dv``.
+- ``_dkv_kernel`` (per key tile of a kv head): ``dk``, ``dv``, summed over the kv head's query
+  group (GQA) in one program, in a fixed order.
+
+With the prefix-LM mask both kernels visit only the tiles a row can see (dq: key tiles up to the q
+tile's bound; dkv: q tiles from the first row that sees the key tile), the per-pair mask only on
+boundary tiles. With RoPE, q and k are rotated on load as in the forward and ``dq``/``dk`` leave
+through the rotation's transpose (``attention_core.rope_backward``), so they are the gradients of
+the unrotated inputs.
 """
 from __future__ import annotations
 
