@@ -340,7 +340,7 @@ def tp_worker(rank: int, world: int, init_file: str, ckpt_path: str, pixels_path
         with torch.no_grad():
             out["original"] = model._encode_global_features(pixels)
             report = accelerate_towers(model)
-            out["patched"] = report.patched
+            out["patched"] = [(p.path, p.kind) for p in report.patched]   # plain tuples: torch.load(weights_only)
             for name in backends:
                 with backend(name):
                     out[name] = model._encode_global_features(pixels)
