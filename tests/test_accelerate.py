@@ -233,3 +233,23 @@ def test_exact_after_every_weight_write(model, how):
             got = model(pixels)
     assert {c.backend for c in dk.last_backends().values()} == {"triton-interpret"}
     assert_close(got, want, torch.float32, msg=how)
+
+
+@pytest.mark.gpu
+def test_exact_after_data_writes_on_cuda(model):
+    """The stale-weights case as it appeared (vLLM's weight loaders write with .data.copy_): on the compiled kernels."""
+    model.cuda()
+    pixels = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(5)).cuda()
+    dk.accelerate(model)
+    with torch.no_grad(), dk.backend("triton"):
+        model(pixels)
+    state = {k: v.cuda() for k, v in _new_weights(model, seed=7).items()}
+    _write(model, state, "data.copy_")
+    oracle = type(model)() if not isinstance(model.vision_model.layers[0].self_attn, VllmClipAttention) else \
+        UpstreamDeepEncoder(clip_attention=VllmClipAttention, sam_attention=RelPosAttention)
+    oracle.load_state_dict(state)
+    with torch.no_grad():
+        want = oracle.cuda().eval()(pixels)
+        with dk.backend("triton"):
+            got = model(pixels)
+    assert_close(got, want, torch.float32)

@@ -262,3 +262,36 @@ def test_transformers_models_compile_fullgraph(compile_backend):
         got = compiled(PIXELS, output_hidden_states=True)
     assert_close(got.last_hidden_state, want.last_hidden_state, torch.float32)
     assert len(got.hidden_states) == len(want.hidden_states)
+
+
+def test_ocr2_vision_encoder_accelerated_on_its_own():
+    """accelerate() on the causal-flow stack itself (no query banks above it): recognised by its structure."""
+    model = hf.ocr2_model()
+    enc = model.model.vision_tower.vision_encoder
+    embeds = torch.randn(2, 4 + 144, 64)
+    with torch.no_grad():
+        want = enc(embeds, num_patches=4).last_hidden_state
+    report = dk.accelerate(enc)
+    assert report.kinds() == {"causal flow": 1}
+    with torch.no_grad(), dk.backend("reference"):
+        got = enc(embeds, num_patches=4).last_hidden_state
+    assert dk.last_backends()["varlen_attention"].backend == "reference"
+    assert_close(got, want, torch.float32)
+
+
+@pytest.mark.gpu
+def test_ocr2_on_cuda_under_auto():
+    """On CUDA 'auto' has the fused kernels: every part runs them (the causal flow on whatever the varlen
+    dispatcher takes for its prefix-LM call); fp32 end to end (bf16 is tested per op at real shapes)."""
+    model = hf.ocr2_model().to("cuda")
+    pixels = PIXELS.cuda()
+    with torch.no_grad():
+        want = model.model.get_image_features(pixels, output_hidden_states=True)
+    report = dk.accelerate(model)
+    assert report.original_here == []
+    with torch.no_grad():
+        got = model.model.get_image_features(pixels, output_hidden_states=True)
+    used = {op: c.backend for op, c in dk.last_backends().items()}
+    assert used["rel_pos_attention"] == used["compress"] == "triton" and "varlen_attention" in used
+    assert_close(got.last_hidden_state, want.last_hidden_state, torch.float32)
+    assert len(got.hidden_states) == len(want.hidden_states)

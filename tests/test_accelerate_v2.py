@@ -200,3 +200,19 @@ def test_mask_hook_detection():
             return None
 
     assert acc._mask_hook_ignored(DeepseekOnOld()) is None
+
+
+@pytest.mark.gpu
+def test_deepseek_v2_on_cuda_under_auto():
+    deepseek, vllm = pair()
+    deepseek, vllm = deepseek.cuda(), vllm.cuda()
+    pixels = PIXELS[4].cuda()
+    with torch.no_grad():
+        oracle = vllm(pixels)
+    report = dk.accelerate(deepseek)
+    assert report.original_here == [] and report.corrected
+    with torch.no_grad():
+        got = deepseek(pixels)
+    used = {op: c.backend for op, c in dk.last_backends().items()}
+    assert used["rel_pos_attention"] == used["compress"] == "triton" and "varlen_attention" in used
+    assert_close(got, oracle, torch.float32)

@@ -172,7 +172,7 @@ def _faster_backend(op: str, device: torch.device, dtype: torch.dtype) -> str | 
     backend declares that with ``faster_than_upstream``; without the flag: anything but the
     reference, which *is* upstream's math); None when there is none."""
     order = dispatch.AUTO_ORDER.get(device.type, ("reference",))
-    key = (op, device.type, dtype, order, len(dispatch.backends_of(op)))   # capabilities of this process: cached
+    key = (op, device.type, dtype, order)   # the backends' capabilities are fixed in a process: cached
     if key not in _FASTER:
         found = None
         for name in order:
@@ -619,8 +619,12 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
     Bidirectional (CLIP) or prefix-LM (the causal-flow stage: the prefix length comes from the
     stack's forward, no mask is built). The original function runs when weights are recorded, in
     training with dropout, or where no faster path exists (with the mask transformers would build)."""
-    spec = module.__dict__.get(_PATCH, {})
-    original = spec.get("attn_impl", "sdpa")
+    spec = module.__dict__.get(_PATCH)
+    if spec is None:
+        raise RuntimeError(f"{type(module).__name__} uses the {ATTN_IMPL!r} attention implementation through a config that "
+                           "accelerate() switched, but was not routed by it (built afterwards?): dk.restore(model), then "
+                           "dk.accelerate(model) again")
+    original = spec["attn_impl"]
     prefix = kwargs.pop(_PREFIX_KW, None)
     if spec.get("prefix") and prefix is None:
         raise RuntimeError(f"{type(module).__name__} routed to {ATTN_IMPL!r} by accelerate() was called without its "
@@ -713,9 +717,6 @@ def accelerate(model: nn.Module) -> AccelerationReport:
     """Patch every recognised DeepEncoder part of ``model`` in place; returns what was done, what was
     left alone (and why: what was looked for, what was found), what was corrected, and where parts keep
     their original forward because the package has nothing faster there."""
-    from .modules import clip as own_clip, encoder as own_encoder, sam as own_sam
-
-    own = (own_sam.SamBlock, own_sam.SamEncoder, own_clip.ClipAttention, own_encoder.DeepEncoder)
     report = AccelerationReport()
     plans: list[_Plan] = []
     covered: set[int] = set()     # modules reported through a parent
@@ -730,10 +731,8 @@ def accelerate(model: nn.Module) -> AccelerationReport:
     for path, m in named:
         if id(m) in covered:
             continue
-        if isinstance(m, own):
-            kind = ("sam block" if isinstance(m, own_sam.SamBlock) else "sam encoder" if isinstance(m, own_sam.SamEncoder)
-                    else "clip attention" if isinstance(m, own_clip.ClipAttention) else "deepencoder")
-            left(path, kind, "a deepencoder_kernels module: already on the package's ops")
+        if type(m).__module__.startswith("deepencoder_kernels."):   # the package's own modules (V1 and V2)
+            left(path, type(m).__name__, "a deepencoder_kernels module: already on the package's ops")
             covered.update(id(c) for c in m.modules())
             continue
 
@@ -788,6 +787,18 @@ def accelerate(model: nn.Module) -> AccelerationReport:
         banks = _causal_flow_holder(m)
         if banks:
             _plan_causal_flow(path, m, banks, plans, report, named, left)   # its SAM encoder (transformers') is visited on its own
+            decoder = _find_decoder(m)
+            if decoder is not None:
+                covered.add(id(decoder[1]))   # planned (or reported) with its banks
+
+        # transformers' V2 stack on its own (accelerate() called on the vision_encoder itself)
+        if _has(m, "layers", "norm", "rotary_emb") and _forward_params(m)[1:3] == ["inputs_embeds", "num_patches"]:
+            why = _decoder_layers_check(m)
+            if why:
+                left(path, "causal flow", why, "a Qwen2-shaped decoder taking (inputs_embeds, num_patches)", _describe(m))
+            else:
+                _plan_interface_stack(path, m, "causal flow", True, plans, named, left)
+            continue
 
         # DeepEncoder v1's CLIP in transformers' layout (the v1 port): a q/k/v attention stack next to a SAM encoder
         if _looks_like_clip_stack(m):
@@ -817,6 +828,13 @@ def accelerate(model: nn.Module) -> AccelerationReport:
         raise
     _note_devices(report, plans)
     return report
+
+
+def _forward_params(m: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(type(m).forward).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
 def _parent_path(path: str) -> str:
@@ -888,10 +906,7 @@ def _plan_causal_flow(path, m, banks, plans, report, named, left):
         return
     # transformers' native stack: vision_encoder(inputs_embeds, num_patches, ...) with its attention
     # routed through the AttentionInterface, the prefix length passed down instead of a mask
-    try:
-        fwd = list(inspect.signature(type(decoder).forward).parameters)
-    except (TypeError, ValueError):
-        fwd = []
+    fwd = _forward_params(decoder)
     if fwd[1:3] != ["inputs_embeds", "num_patches"]:
         left(path, "causal flow", "its decoder's forward does not take (inputs_embeds, num_patches)", looked,
              f"{dec_path}.forward{tuple(fwd[1:])}")
