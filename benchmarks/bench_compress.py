@@ -16,6 +16,7 @@ under torch.compile, and the fused kernels; and forward + backward, reference au
 Elsewhere that part is skipped, saying why.
 
     cd benchmarks && python bench_compress.py     # writes results/compress_<device>.json
+    cd benchmarks && python bench_compress.py --timing-only --modes base --batches 1   # a GPU's headline row only
 """
 from __future__ import annotations
 
@@ -150,8 +151,22 @@ def gpu_rows(run: GpuRun = GpuRun(), modes=tuple(MODES), batches=(1, 32)) -> lis
     return rows
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--timing-only", action="store_true", help="only the GPU timings (skip the counted passes, bytes and memory)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="modes to time on the GPU (default: all)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="batch sizes to time on the GPU (default: 1 32)")
+    opts = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if opts.timing_only:
+        if not cuda:
+            print("GPU timing skipped: torch has no usable CUDA device")
+            return 0
+        rows = gpu_rows(modes=tuple(opts.modes), batches=tuple(opts.batches))
+        print("wrote", write_result(f"compress_timing_{torch.cuda.get_device_name().replace(' ', '_')}", rows))
+        return 0
     rows = []
     print(f"{'mode':<7}{'GFLOPs':>8} | {'ref passes':>10}{'ref MiB moved':>14}{'ref peak MiB':>13} | "
           f"{'fused passes':>12}{'fused MiB moved':>16}{'fused peak MiB':>15}")
@@ -172,7 +187,8 @@ def main() -> int:
     if not cuda:
         print("GPU timing skipped: torch has no usable CUDA device")
         return 0
-    print("wrote", write_result(f"compress_timing_{torch.cuda.get_device_name().replace(' ', '_')}", gpu_rows()))
+    print("wrote", write_result(f"compress_timing_{torch.cuda.get_device_name().replace(' ', '_')}",
+                                gpu_rows(modes=tuple(opts.modes), batches=tuple(opts.batches))))
     return 0
 
 

@@ -1,12 +1,23 @@
-"""Regenerate README's results section from the JSON files in benchmarks/results (nothing typed).
+"""Render the results from the JSON files (nothing typed): the full tables into benchmarks/RESULTS.md,
+the headline table into it and into README.md.
 
-    python benchmarks/render_results.py
+    python benchmarks/render_results.py                     # benchmarks/results -> RESULTS.md + README.md
+    python benchmarks/render_results.py --unpack all_NVIDIA_H200.json   # a GPU run's results (from
+                                                            # scripts/gpu_check.sh) into benchmarks/results, then render
 
-DEEPENCODER_KERNELS_RESULTS / DEEPENCODER_KERNELS_README: read results from / write into other
-places (scripts/gpu_check.sh renders a GPU machine's results into a copy of the README).
+--results DIR (repeatable; a later folder's file of the same name wins), --results-md, --readme and
+--no-readme render elsewhere (scripts/gpu_check.sh renders a GPU machine's RESULTS.md into its output
+folder after every step). The blocks between <!-- headline:start/end --> and <!-- results:start/end -->
+are rewritten; everything else in both files is written by hand.
+
+A GPU benchmark's file (benchmarks/common.py write_result): {device, date, rows: [{impl, ms, ...}]},
+this package's impl named "... (this package)" (or starting "fused"); headline_rows() picks the rows
+of each comparison (end_to_end*: model "v1" / "v2"; causal_flow_*; packed_*; compress_timing_*).
 """
 from __future__ import annotations
 
+import argparse
+import fnmatch
 import json
 import os
 import re
@@ -14,8 +25,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("DEEPENCODER_KERNELS_RESULTS") or ROOT / "benchmarks" / "results")
-README = Path(os.environ.get("DEEPENCODER_KERNELS_README") or ROOT / "README.md")
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+README = ROOT / "README.md"
 MiB = 2**20
+NOT_YET = "not measured on a GPU yet"
+_found: dict[str, Path] = {}     # file name -> path, over every --results folder (set by render())
+
+
+def found(pattern: str) -> list[Path]:
+    """The result files whose name matches ``pattern`` (fnmatch), sorted by name."""
+    return [_found[name] for name in sorted(_found) if fnmatch.fnmatch(name, pattern)]
 
 
 def table(columns: str, rows: list[list]) -> list[str]:
@@ -206,10 +225,139 @@ def static_section(path: Path) -> list[str]:
     return out + table("kernel|case|config|target|dtype|registers>|spill B>|shared B>|tensor-core instr>", rows)
 
 
-def main() -> None:
+# ---- the headline table (README and RESULTS.md) ------------------------------------------------------
+
+
+def _ms(v: float) -> str:
+    return f"{v:.3g} ms" if v < 100 else f"{v:.0f} ms"
+
+
+def _times(rows: list[dict], ours: str, others: list[str] | None = None) -> tuple[str, str] | None:
+    """(this package's time, "baseline time (ratio)" for each other impl) from rows with impl + ms."""
+    by = {r["impl"]: r["ms"] for r in rows if r.get("ms") is not None}
+    if ours not in by:
+        return None
+    others = [k for k in (others or by) if k in by and k != ours]
+    cells = [f"{k}: {_ms(by[k])} ({by[k] / by[ours]:.2f}x)" for k in others]
+    return _ms(by[ours]), "; ".join(cells)
+
+
+def _rows_file(pattern: str, keep=lambda r: True) -> list[tuple[dict, list[dict]]]:
+    out = []
+    for path in found(pattern):
+        m = json.loads(path.read_text())
+        rows = [r for r in m.get("rows") or [] if keep(r)]
+        if rows:
+            out.append((m, rows))
+    return out
+
+
+def _ours(rows: list[dict]) -> str | None:
+    """This package's impl name in a rows file (the benchmarks call it "... (this package)" or "fused")."""
+    return next((r["impl"] for r in rows if "this package" in str(r.get("impl")) or str(r.get("impl")).startswith("fused")), None)
+
+
+def _sam_attention(block: str, batch: int) -> list[tuple[str, str, str]]:
+    out = []
+    for path in found("rel_pos_attention_*.json"):
+        if "training" in path.name:
+            continue
+        m = json.loads(path.read_text())
+        cases = [b for b in m.get("benchmarks") or [] if b.get("params", {}).get("mode") == "base"
+                 and b["params"].get("block") == block and b["params"].get("batch") == batch]
+        names = {"fused": "this package", "dense_sdpa": "dense-bias SDPA (upstream)", "flex": "FlexAttention"}
+        rows = [dict(impl=names.get(b["params"].get("impl"), b["params"].get("impl")), ms=b["stats"]["median"] * 1e3) for b in cases]
+        cells = _times(rows, "this package")
+        if cells:
+            device = next((b["extra_info"].get("device") for b in cases if b.get("extra_info", {}).get("device")), "?")
+            out.append((*cells, f"{device}, {m.get('datetime', '?')[:10]}"))
+    return out
+
+
+def headline_rows() -> list[list[str]]:
+    """One row per headline comparison: GPU times ("not measured on a GPU yet" until a GPU run's
+    file is in the results), then what is counted or measured on any machine."""
+    rows = []
+
+    def gpu(what: str, baselines: str, measured: list[tuple[str, str, str]]):
+        if measured:
+            rows.extend([what, *cells] for cells in measured)
+        else:
+            rows.append([what, NOT_YET, baselines, ""])
+
+    def from_rows(pattern, keep=lambda r: True, ours=None, others=None):
+        out = []
+        for m, rs in _rows_file(pattern, keep):
+            cells = _times(rs, ours or _ours(rs) or "", others)
+            if cells is None:   # measured, but no row says which is this package's: show them all rather than "not measured"
+                cells = ("? (no impl named '... (this package)')", "; ".join(f"{r['impl']}: {_ms(r['ms'])}" for r in rs if "ms" in r))
+            out.append((*cells, f"{m.get('device', '?')}, {m.get('date', '?')}"))
+        return out
+
+    gpu("DeepEncoder v1, one Base view, end to end (bf16)", "upstream's computation (the reference backend)",
+        from_rows("end_to_end*.json", lambda r: r.get("model") == "v1" and r.get("mode") == "base"))
+    gpu("DeepEncoder V2, one page (dynamic tiles), end to end (bf16)", "upstream's computation (the reference backend)",
+        from_rows("end_to_end*.json", lambda r: r.get("model") == "v2"))
+    gpu("SAM attention, Base, global block, batch 1", "dense-bias SDPA (upstream); FlexAttention", _sam_attention("global", 1))
+    gpu("SAM attention, Base, windowed blocks, batch 1", "dense-bias SDPA (upstream)", _sam_attention("windowed", 1))
+    gpu("CLIP attention, varlen over the mixed batch's 42 sequences", "padded SDPA + key mask; nested-tensor SDPA; flash-attn varlen",
+        from_rows("packed_*.json", lambda r: r.get("kind", "").startswith("CLIP attention"), "varlen (this package)"))
+    gpu("V2 causal-flow attention", "dense-mask SDPA; FlexAttention; two-call flash", from_rows("causal_flow_*.json"))
+    gpu("Neck + compressor, Base, batch 1", "PyTorch's cuDNN convs (NCHW, channels-last); torch.compile",
+        from_rows("compress_timing_*.json", lambda r: r.get("mode") == "base" and r.get("batch") == 1 and not r["impl"].startswith("fwd+bwd"),
+                  "fused (this package)"))
+    gpu("Mixed batch of 42 views (Tiny..Gundam), packed vs one image at a time", "the per-image loop",
+        from_rows("packed_*.json", lambda r: r.get("kind", "").startswith("encoder"), "packed batch"))
+    on = lambda m: f"{m['device']}, {m['date']}"  # noqa: E731
+    for path in found("attention_memory_*.json"):
+        m = json.loads(path.read_text())
+        for r in m["rows"]:
+            if r["mode"] == "base" and r["block"] == "global":
+                rows.append(["SAM global attention at Base: activation peak (bf16, batch 1)", f"{r['fused_peak_bytes'] / MiB:.1f} MiB",
+                             f"dense-bias reference: {r['reference_peak_bytes'] / MiB:.1f} MiB "
+                             f"({r['reference_peak_bytes'] / r['fused_peak_bytes']:.0f}x)", on(m)])
+    for path in found("attention_training_memory_*.json"):
+        m = json.loads(path.read_text())
+        for r in m["rows"]:
+            if r["mode"] == "base" and r["block"] == "global":
+                rows.append(["SAM global attention at Base: saved for backward (bf16, batch 1)", f"{r['fused_saved_bytes'] / MiB:.1f} MiB",
+                             f"dense-bias reference: {r['reference_saved_bytes'] / MiB:.1f} MiB "
+                             f"({r['reference_saved_bytes'] / r['fused_saved_bytes']:.0f}x)", on(m)])
+    for path in found("compress_c*.json"):
+        m = json.loads(path.read_text())
+        for r in m["rows"]:
+            if r["mode"] == "base":
+                ref, fused = r["reference"], r["fused"]
+                rows.append(["Neck + compressor at Base: bytes moved (bf16, batch 1)", f"{fused['bytes'] / MiB:.1f} MiB in {fused['passes']} passes",
+                             f"reference chain: {ref['bytes'] / MiB:.1f} MiB in {ref['passes']} passes ({ref['bytes'] / fused['bytes']:.2f}x)", on(m)])
+    for path in found("packing.json"):
+        m = json.loads(path.read_text())
+        for r in m["rows"]:
+            if r["stage"].startswith("SAM global"):
+                rows.append([f"Mixed batch, SAM global attention: score bytes a dense attention would hold ({r['sequences']} views)",
+                             f"{r['packed_score_bytes'] / 2**30:.1f} GiB packed", f"padded to the longest: {r['padded_score_bytes'] / 2**30:.1f} GiB "
+                             f"({r['padded_score_bytes'] / r['packed_score_bytes']:.1f}x)", f"counted from shapes, {m['date']}"])
+    for path in found("saccade_gather_*.json"):
+        m = json.loads(path.read_text())
+        for r in m["rows"]:
+            if (r["candidates"], r["channels"], r["batch"]) == (4096, 768, 1):
+                rows.append([f"Saccade gather (N 4096, C 768, k {r['k']}, batch 1), {r.get('device', 'cpu')}", f"{r['ours_us']:.0f} us (C++ op)",
+                             f"torch.topk + torch.gather: {r['topk_gather_us']:.0f} us ({r['speedup_one_k']:.2f}x)", on(m)])
+    return rows
+
+
+def headline() -> list[str]:
+    out = ["| result | this package | compared with (x: their time or size / ours) | measured on |", "|---|---|---|---|"]
+    return out + ["| " + " | ".join(row) + " |" for row in headline_rows()]
+
+
+# ---- every result -----------------------------------------------------------------------------------
+
+
+def full_results() -> list[str]:
     parts: list[str] = []
     by_device: dict[str, list[Path]] = {}   # profile_<mode>_<device>.json
-    for path in sorted(RESULTS.glob("profile_*.json")):
+    for path in found("profile_*.json"):
         by_device.setdefault(path.stem.split("_", 2)[-1], []).append(path)
     for profiles in by_device.values():
         for path in profiles:
@@ -217,35 +365,86 @@ def main() -> None:
                 parts += profile_section(path) + [""]
         if len(profiles) > 1:
             parts += modes_section(profiles) + [""]
-    for path in sorted(RESULTS.glob("attention_memory_*.json")):
+    for path in found("attention_memory_*.json"):
         parts += memory_section(path) + [""]
-    for path in sorted(RESULTS.glob("attention_training_memory_*.json")):
+    for path in found("attention_training_memory_*.json"):
         parts += training_memory_section(path) + [""]
-    for path in sorted(RESULTS.glob("compress_c*.json")):
+    for path in found("compress_c*.json"):
         parts += compress_section(path) + [""]
-    if (RESULTS / "packing.json").exists():
-        parts += packing_section(RESULTS / "packing.json") + [""]
-    for path in sorted(RESULTS.glob("saccade_gather_*.json")):
+    for path in found("packing.json"):
+        parts += packing_section(path) + [""]
+    for path in found("saccade_gather_*.json"):
         parts += saccade_section(path) + [""]
-    gpu = [(RESULTS.glob("packed_*.json"), "Packed attention and encoder on the GPU", "cd benchmarks && python bench_packed.py"),
-           (RESULTS.glob("compress_timing_*.json"), "Neck + compressor on the GPU", "cd benchmarks && python bench_compress.py")]
-    for paths, title, command in gpu:
-        for path in sorted(paths):
+    gpu = [("end_to_end_*.json", "End to end on the GPU", "cd benchmarks && python bench_end_to_end.py"),
+           ("packed_*.json", "Packed attention and encoder on the GPU", "cd benchmarks && python bench_packed.py"),
+           ("causal_flow_*.json", "V2 causal-flow attention on the GPU", "cd benchmarks && python bench_causal_flow.py"),
+           ("compress_timing_*.json", "Neck + compressor on the GPU", "cd benchmarks && python bench_compress.py")]
+    for pattern, title, command in gpu:
+        for path in found(pattern):
             parts += rows_section(path, title, command) + [""]
-    for path in sorted(RESULTS.glob("rel_pos_attention_*.json")):
+    for path in found("rel_pos_attention_*.json"):
         parts += pytest_benchmark_section(path) + [""]
-    for path in sorted(RESULTS.glob("tuned_*.json")):
+    for path in found("tuned_*.json"):
         parts += tuned_section(path) + [""]
     baselines = sorted((ROOT / "benchmarks" / "baselines").glob("static_report_triton-*.json"),
                        key=lambda p: tuple(int(x) for x in p.stem.rsplit("-", 1)[1].split(".")))
     parts += static_section(baselines[-1])   # the newest Triton's (each version's baseline is in the folder)
-    readme = README
-    text = readme.read_text()
-    block = "<!-- results:start (generated by benchmarks/render_results.py) -->\n" + "\n".join(parts) + "\n<!-- results:end -->"
-    text = re.sub(r"<!-- results:start.*?<!-- results:end -->", lambda _: block, text, flags=re.S)
-    readme.write_text(text)
-    print(f"updated {readme}")
+    return parts
+
+
+def replace_block(text: str, name: str, lines: list[str], path: Path) -> str:
+    """Rewrite what lies between <!-- NAME:start ... --> and <!-- NAME:end --> in ``text``."""
+    pattern = rf"<!-- {name}:start.*?<!-- {name}:end -->"
+    if not re.search(pattern, text, flags=re.S):
+        raise SystemExit(f"render_results: {path} has no <!-- {name}:start --> ... <!-- {name}:end --> block to rewrite")
+    block = f"<!-- {name}:start (generated by benchmarks/render_results.py) -->\n" + "\n".join(lines) + f"\n<!-- {name}:end -->"
+    return re.sub(pattern, lambda _: block, text, flags=re.S)
+
+
+def unpack(all_json: Path, folder: Path) -> list[Path]:
+    """scripts/gpu_check.sh's all_<device>.json (result name -> its JSON) back into one file per result."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, content in json.loads(all_json.read_text()).items():
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", stem):
+            raise SystemExit(f"render_results: {all_json}: {stem!r} is not a result file name")
+        path = folder / f"{stem}.json"
+        path.write_text(json.dumps(content, indent=1))
+        written.append(path)
+    return written
+
+
+def render(results: list[Path], results_md: Path = RESULTS_MD, readme: Path | None = README) -> None:
+    _found.clear()
+    for folder in results:                      # a later folder's file of the same name wins
+        _found.update({p.name: p for p in sorted(Path(folder).glob("*.json")) if not p.name.startswith("all_")})
+    top = headline()
+    template = results_md if results_md.exists() else RESULTS_MD
+    text = replace_block(template.read_text(), "headline", top, template)
+    results_md.write_text(replace_block(text, "results", full_results(), template))
+    print(f"updated {results_md}")
+    if readme is not None:
+        readme.write_text(replace_block(readme.read_text(), "headline", top, readme))
+        print(f"updated {readme}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", action="append", type=Path, metavar="DIR",
+                    help=f"result folder; repeat for more, a later one wins (default: {RESULTS.relative_to(ROOT) if RESULTS.is_relative_to(ROOT) else RESULTS})")
+    ap.add_argument("--results-md", type=Path, default=RESULTS_MD, metavar="PATH", help="the results page to write (default: benchmarks/RESULTS.md)")
+    ap.add_argument("--readme", type=Path, default=README, metavar="PATH", help="the README whose headline table to rewrite")
+    ap.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    ap.add_argument("--unpack", type=Path, metavar="ALL_JSON", help="first write each result in a gpu_check all_<device>.json "
+                    "into the (first) results folder")
+    args = ap.parse_args(argv)
+    results = args.results or [RESULTS]
+    if args.unpack:
+        for path in unpack(args.unpack, results[0]):
+            print(f"wrote {path}")
+    render(results, args.results_md, None if args.no_readme else args.readme)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

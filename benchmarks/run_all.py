@@ -1,5 +1,5 @@
 """Every benchmark in one command: results JSON per benchmark, one merged JSON, PNG plots, and the
-README's results section regenerated.
+benchmarks/RESULTS.md (and the README's headline table) regenerated.
 
     python benchmarks/run_all.py            # everything (the fused-path memory runs in Triton's
                                             # interpreter on a CPU machine: ~15 minutes there)
@@ -44,7 +44,7 @@ def run_benchmarks(quick: bool, modes=MODES, dry_run: bool = False) -> None:
     for mode in modes:
         run([py, "-m", "deepencoder_kernels", "profile", "--mode", mode, "--quiet",
              "--json", str(RESULTS / f"profile_{mode}_{tag}.json"), "--plot", str(RESULTS / f"profile_{mode}_{tag}.png")])
-    if dry_run:   # scripts/gpu_check.sh --dry-run: the steps, not the figures (tests/test_benchmarks_smoke.py runs the GPU code)
+    if dry_run:   # a rehearsal: the steps, not the figures (tests/test_benchmarks_smoke.py runs the GPU code)
         run([py, "bench_packed.py"])
         return
     run([py, "bench_saccade_gather.py"])
@@ -143,9 +143,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip the interpreter-heavy memory measurements")
     ap.add_argument("--plots-only", action="store_true", help="re-plot and re-render from the existing JSON files")
-    ap.add_argument("--no-render", action="store_true", help="leave README.md alone")
+    ap.add_argument("--no-render", action="store_true", help="leave benchmarks/RESULTS.md and README.md alone")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to profile (default: all)")
-    ap.add_argument("--dry-run", action="store_true", help="rehearsal (scripts/gpu_check.sh --dry-run, which profiles first): packing counts, merge, plots")
+    ap.add_argument("--dry-run", action="store_true", help="a quick rehearsal on the CPU: no profiles; packing counts, merge, plots")
     args = ap.parse_args()
     if not args.plots_only:
         run_benchmarks(args.quick, () if args.dry_run else args.modes, args.dry_run)

@@ -84,6 +84,26 @@ def assert_close(actual, expected, dtype=None, msg=""):
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}")
 
 
+def small_encoder_v2(seed: int = 0, dtype=torch.float32):
+    """A narrow DeepEncoderV2 (same code paths, real 768 / 1024 grids and query banks) for fast CPU tests:
+    the trunk as :func:`small_encoder`'s, a 2-layer causal flow with GQA 4/2 and head dim 8."""
+    from deepencoder_kernels.modules import CausalFlowEncoder, DeepEncoderV2, MlpProjector, SamEncoder
+
+    torch.manual_seed(seed)
+    enc = DeepEncoderV2(
+        sam=SamEncoder(dim=64, depth=3, num_heads=1, global_blocks=(1,), neck_dim=16, out_dim=32, net2_dim=16),
+        causal_flow=CausalFlowEncoder(dim=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden=48),
+        projector=MlpProjector(32, 24),
+    )
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if p.dim() <= 2 and "weight" not in name or "rel_pos" in name or "query_" in name:
+                p.normal_(0, 0.5)
+            elif "layernorm" in name or name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return enc.to(dtype).eval()
+
+
 def small_encoder(seed: int = 0):
     """A narrow DeepEncoder (same code paths, real grids) for fast CPU tests."""
     from deepencoder_kernels.modules import ClipVisionModel, DeepEncoder, MlpProjector, SamEncoder

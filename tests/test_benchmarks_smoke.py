@@ -32,3 +32,15 @@ def test_compress_benchmark_gpu_paths():
     rows = bench_compress.gpu_rows(REFERENCE, modes=("tiny",), batches=(1,))
     assert [r["impl"] for r in rows] == ["PyTorch NCHW", "PyTorch channels-last", "torch.compile", "fused (this package)",
                                          "fwd+bwd PyTorch NCHW", "fwd+bwd fused (this package)"]
+
+
+def test_end_to_end_benchmark_gpu_paths():
+    import bench_end_to_end
+    from conftest import small_encoder_v2
+
+    rows = bench_end_to_end.rows(ONE_CALL, enc=small_encoder(), modes=("tiny",), fused="reference")  # the kernels: tested elsewhere
+    assert [r["impl"] for r in rows] == ["upstream's computation (reference)", "this package"]
+    assert rows[0]["tokens"] == 8 * (8 + 1) + 1 and rows[0]["views"] == 1 and rows[0]["max_abs_diff"] == 0
+    assert "rel_pos_attention reference" in rows[1]["backends"]
+    rows = bench_end_to_end.rows(ONE_CALL, enc=small_encoder_v2(), modes=("base",), model="v2", fused="reference")
+    assert [(r["model"], r["mode"], r["views"], r["tokens"]) for r in rows] == [("v2", "base", 1, 257)] * 2

@@ -170,7 +170,7 @@ def test_cli_encode(tmp_path, capsys):
     original = __import__("deepencoder_kernels.profiler", fromlist=["random_encoder"]).random_encoder
     import deepencoder_kernels.profiler as prof
 
-    prof.random_encoder = lambda dtype=torch.float32, device="cpu", seed=0: enc.to(dtype)
+    prof.random_encoder = lambda dtype=torch.float32, device="cpu", seed=0, model=None: enc.to(dtype)
     try:
         assert cli.main(["encode", *map(str, paths), "--mode", "tiny", "--out", str(tmp_path / "o.safetensors"),
                          "--batch", "2", "--dtype", "float32", "--quiet"]) == 0

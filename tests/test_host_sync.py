@@ -250,6 +250,22 @@ def test_encoder_packed_mixed_sizes():
     assert dk.last_backends()["varlen_attention"].backend == "triton-interpret"
 
 
+def test_encoder_v2_packed_pages_on_the_reference():
+    """DeepEncoder V2's packed pass (768 tiles and 1024 global views; causal-flow sequences of 288 and
+    512 in one prefix-LM call) reads nothing to the host even on the reference backend: the padded
+    prefix-LM mask and the row gather come from device tensors and host ints."""
+    from conftest import small_encoder_v2
+
+    enc = small_encoder_v2()
+    px = lambda s: torch.rand(3, s, s) * 2 - 1  # noqa: E731
+    views = [Views(px(1024), None), Views(px(1024), torch.stack([px(768), px(768)]), (2, 1))]
+    got, want = forward_without_sync(enc.encode_views_packed, views, backend="reference")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert [g.shape[0] for g in got] == [257, 545]
+    assert dk.last_backends()["varlen_attention"].backend == "reference"
+
+
 # ---- a planted sync is caught ----------------------------------------------------------------
 
 def test_planted_grid_read_in_the_packed_path_is_caught(monkeypatch):

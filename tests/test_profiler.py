@@ -196,3 +196,59 @@ def test_cli_profile_counting_only(capsys, tmp_path):
     assert "times: not measured" in out and "1109.6" in out
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["pass_seconds"] == [] and data["total_flops"] == pytest.approx(1109.6e9, rel=1e-4)
+
+
+def meta_profile_v2(mode, image=None):
+    with torch.device("meta"):
+        from deepencoder_kernels.modules import DeepEncoderV2
+
+        enc = DeepEncoderV2().to(torch.bfloat16)
+    return profiler.profile(mode, image=image, encoder=enc, device="meta", progress=False)
+
+
+def test_v2_view_flops_match_the_spec():
+    """deepencoder-v2.md section 6 (FlopCounterMode over upstream's modules): per 1024 view patch 4.8,
+    windowed 519.5 (window padding included as upstream runs it), global 441.3, neck+net_2+net_3 11.0,
+    Qwen2 389.0 (prefix-LM SDPA counted densely), projector 0.6: 1366.2."""
+    from PIL import Image
+
+    p = meta_profile_v2("base")
+    assert p.model == "v2" and p.views == 1 and p.output_tokens == 257
+    f = {s.name: s.flops / G for s in p.stages}
+    pad = profiler.window_padding_flops(1024) / G
+    assert f["patch embed"] == pytest.approx(4.8, abs=0.05)
+    assert f["windowed blocks"] + pad == pytest.approx(519.5, abs=0.1)
+    assert f["global blocks"] == pytest.approx(441.3, abs=0.1)
+    assert f["neck+compressor"] == pytest.approx(11.0, abs=0.05)
+    assert f["causal flow"] == pytest.approx(389.0, abs=0.1)
+    assert f["projector"] == pytest.approx(0.6, abs=0.05)
+    assert "CLIP" not in f
+    assert (p.total_flops + p.padding_flops) / G == pytest.approx(1366.2, abs=0.05)
+    assert p.prefix_lm_flops["needed"] / p.prefix_lm_flops["dense"] == pytest.approx(0.625, abs=0.002)
+    # a 2 x 3 tile page: + 728.0 per 768 tile
+    six = meta_profile_v2("dynamic", Image.new("RGB", (1200, 1800), "white"))
+    assert six.views == 7 and six.output_tokens == 257 + 6 * 144
+    assert (six.total_flops + six.padding_flops) / G == pytest.approx(1366.2 + 6 * 728.0, abs=0.3)
+    verdicts = {c["claim"].split(":")[0]: c["verdict"] for c in six.claims}
+    assert verdicts["paper"] == "within (256 + 144 x 6)" and verdicts["README"] == "within"
+    assert next(c for c in six.claims if c["claim"].startswith("upstream counted"))["verdict"] == "equal"
+    text = profiler.format_report(six)
+    assert "DeepEncoder V2" in text and "causal flow" in text and "62.6%" in text
+
+
+def test_v2_profile_times_a_small_encoder(capsys):
+    from conftest import small_encoder_v2
+
+    p = profiler.profile("dynamic", encoder=small_encoder_v2(), dtype=torch.float32, progress=False, repeat=1)
+    assert p.model == "v2" and p.pass_seconds and p.stage("causal flow").seconds > 0
+    assert "varlen_attention" in p.backends and p.tile_size == 768 and p.views == 7
+    with pytest.raises(ValueError, match="mode must be one of \\['base', 'dynamic'\\] for model v2"):
+        profiler.profile("gundam", encoder=small_encoder_v2(), progress=False, repeat=0)
+
+
+def test_cli_profile_v2_prints_counted_flops(capsys):
+    from deepencoder_kernels.cli import main
+
+    assert main(["profile", "--model", "v2", "--mode", "base", "--repeat", "0", "--quiet", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "DeepEncoder V2 (DeepSeek-OCR 2) profile: mode=base" in out and "total 1366.2 as upstream runs it" in out

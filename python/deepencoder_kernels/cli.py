@@ -25,6 +25,15 @@ def _keep_freed_host_memory() -> bool:
         return False
 
 
+def _mode(args) -> str:
+    """The mode asked for, checked against the model's modes (default: v1 base, v2 dynamic)."""
+    from . import config as cfg
+
+    mode = args.mode or ("dynamic" if args.model == "v2" else "base")
+    cfg.mode_of(mode, args.model)   # a clear error naming the model's modes
+    return mode
+
+
 def _profile(args) -> int:
     from . import dispatch
     from .profiler import format_report, plot, profile, save_json
@@ -33,7 +42,7 @@ def _profile(args) -> int:
         _keep_freed_host_memory()
     with dispatch.backend(args.backend):
         p = profile(args.mode, args.image, args.weights, DTYPES[args.dtype], args.device, progress=not args.quiet,
-                    repeat=args.repeat, warmup=args.warmup, batch=args.batch, max_crops=args.max_crops)
+                    repeat=args.repeat, warmup=args.warmup, batch=args.batch, max_crops=args.max_crops, model=args.model)
     print(format_report(p))
     if args.json:
         save_json(p, args.json)
@@ -58,14 +67,15 @@ def _encode(args) -> int:
         dtype = torch.bfloat16 if device.type != "cpu" else choose_timing_dtype(torch.bfloat16, device)[0]
     else:
         dtype = DTYPES[args.dtype]
-    encoder = random_encoder(dtype=dtype, device=device)
+    encoder = random_encoder(dtype=dtype, device=device, model=args.model)
+    mode = args.mode
     if args.weights:
         encoder.load_checkpoint(args.weights)
     else:
         print("warning: no --weights: seeded random weights (seed 0); the tokens are for testing only", file=sys.stderr)
     with dispatch.backend(args.backend):
-        summary = encode_files(encoder, args.paths, args.out, args.mode, args.batch, args.max_crops, progress=not args.quiet)
-    print(f"wrote {summary['out']}: {summary['pages']} pages, {summary['tokens']} tokens ({args.mode}, "
+        summary = encode_files(encoder, args.paths, args.out, mode, args.batch, args.max_crops, progress=not args.quiet)
+    print(f"wrote {summary['out']}: {summary['pages']} pages, {summary['tokens']} tokens ({args.model} {mode}, "
           f"{str(dtype).replace('torch.', '')}) in {summary['seconds']:.1f}s")
     return 0
 
@@ -87,7 +97,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="deepencoder-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("profile", help="measure FLOPs, activation memory and time per stage; check the claims")
-    p.add_argument("--mode", default="base", choices=["tiny", "small", "base", "large", "gundam"])
+    p.add_argument("--model", default="v1", choices=["v1", "v2"], help="encoder generation: v1 DeepEncoder, v2 DeepEncoder V2")
+    p.add_argument("--mode", help="v1 (DeepSeek-OCR): tiny, small, base, large, gundam (default base); v2 (DeepSeek-OCR 2): dynamic, base (default dynamic)")
     p.add_argument("--image", help="image file (default: a document page the package renders)")
     p.add_argument("--weights", help="safetensors file or folder (default: seeded random weights)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
@@ -98,16 +109,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="timed warm passes (median, min..max); 0: count FLOPs and bytes only")
     p.add_argument("--warmup", type=int, default=1, help="untimed-in-the-table warm-up passes (compile/autotune; reported apart)")
     p.add_argument("--batch", type=int, default=1, help="copies of the page per pass (same-size views batched)")
-    p.add_argument("--max-crops", type=int, default=9, help="Gundam tile budget (9: DeepSeek's HF code; 6: its vLLM config)")
+    p.add_argument("--max-crops", type=int, help="tile budget (default: the mode's: v1 Gundam 9 as DeepSeek's HF code, its vLLM "
+                   "config uses 6; v2 dynamic 6)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=_profile)
     e = sub.add_parser("encode", help="images / PDF pages -> vision tokens per page (safetensors), in packed batches")
     e.add_argument("paths", nargs="+", metavar="PATH", help="image files and PDFs (PDF pages need the 'pdf' extra: pypdfium2)")
-    e.add_argument("--mode", default="base", choices=["tiny", "small", "base", "large", "gundam"])
+    e.add_argument("--model", default="v1", choices=["v1", "v2"], help="encoder generation: v1 DeepEncoder, v2 DeepEncoder V2")
+    e.add_argument("--mode", help="v1 (DeepSeek-OCR): tiny, small, base, large, gundam (default base); v2 (DeepSeek-OCR 2): dynamic, base (default dynamic)")
     e.add_argument("--out", required=True, help="output .safetensors: one [n_tokens, 1280] tensor per page id, + mode")
     e.add_argument("--weights", help="safetensors file or folder (default: seeded random weights, for testing)")
     e.add_argument("--batch", type=int, default=8, help="pages per packed pass (bounds memory)")
-    e.add_argument("--max-crops", type=int, default=9, help="Gundam tile budget (9: DeepSeek's HF code; 6: its vLLM config)")
+    e.add_argument("--max-crops", type=int, help="tile budget (default: the mode's: v1 Gundam 9 as DeepSeek's HF code, its vLLM "
+                   "config uses 6; v2 dynamic 6)")
     e.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="auto: bfloat16, or float32 on a CPU that only emulates bfloat16 (measured)")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -146,6 +160,11 @@ def main(argv=None) -> int:
         return regression_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if hasattr(args, "model"):
+        try:
+            args.mode = _mode(args)
+        except ValueError as e:
+            parser.error(str(e))
     return args.run(args)
 
 

@@ -1,6 +1,6 @@
-"""Image -> views, pixel for pixel as DeepSeek-OCR's processors prepare them (the Hugging Face
-``infer`` path and vLLM's ``DeepseekOCRProcessor``), Tiny/Small/Base/Large/Gundam.
+"""Image -> views, pixel for pixel as DeepSeek's processors prepare them, for both encoder generations.
 
+DeepSeek-OCR (v1: the Hugging Face ``infer`` path and vLLM's ``DeepseekOCRProcessor``), Tiny/Small/Base/Large/Gundam:
 - Paths are opened with ``ImageOps.exif_transpose`` first (both upstream loaders do), then made
   RGB. PIL images are taken as given, as upstream's processors take them: an image from a bare
   ``Image.open`` keeps its EXIF orientation tag unapplied (pass the path, or transpose it yourself).
@@ -13,6 +13,13 @@
   the image resized (default filter) to (640 n_w, 640 n_h) and cut row-major. The crop budget
   differs between the upstreams: ``max_crops`` 9 in the HF code (the default here), 6 in the
   vLLM config (``MAX_CROPS``); pass ``max_crops=6`` to match a vLLM deployment.
+
+DeepSeek-OCR 2 (``model="v2"``; ``DeepSeek-OCR2-vllm/process/image_process.py``):
+- ``dynamic`` (its crop mode): a 1024 letterboxed global view, plus 768 px tiles when a side exceeds
+  768, by the same grid rule with 2 <= tiles <= 6, resized with PIL's default filter, cut row-major,
+  no padding on tiles.
+- ``base`` (crop mode off): the image is first ``resize((768, 768))`` and that square then padded,
+  i.e. upscaled, into the 1024 view (upstream's order of calls, kept).
 Pixels are normalised to [-1, 1] (mean 0.5, std 0.5).
 """
 from __future__ import annotations
@@ -69,19 +76,19 @@ def choose_tile_grid(width: int, height: int, tile: int = 640, min_crops: int = 
     return best
 
 
-def preprocess(image, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS) -> Views:
-    if mode not in cfg.MODES:
-        raise ValueError(f"mode must be one of {sorted(cfg.MODES)}, got {mode!r}")
-    m = cfg.MODES[mode]
+def preprocess(image, mode: str = "base", max_crops: int | None = None, model: str = "v1") -> Views:
+    """One image -> its views for ``mode`` of encoder generation ``model`` ("v1" or "v2").
+    ``max_crops``: the tile budget (None: the mode's, 9 for v1 Gundam, 6 for v2 dynamic)."""
+    m = cfg.mode_of(mode, model)
     image = load_image(image)
     S = m.base_size
-    # upstream resizes Tiny/Small with no filter argument (PIL's default), then pads either way
-    source = image.resize((S, S)) if not m.letterbox else image
+    # upstream resizes with no filter argument (PIL's default), then pads either way
+    source = image.resize((m.resize_first, m.resize_first)) if m.resize_first else image
     global_image = ImageOps.pad(source, (S, S), color=cfg.PAD_GRAY)
     views = Views(to_pixels(global_image), None)
     w, h = image.size
     if m.tiles and (w > m.tile_size or h > m.tile_size):
-        n_w, n_h = choose_tile_grid(w, h, m.tile_size, max_crops=max_crops)
+        n_w, n_h = choose_tile_grid(w, h, m.tile_size, m.min_crops, m.max_crops if max_crops is None else max_crops)
         T = m.tile_size
         resized = image.resize((T * n_w, T * n_h))
         tiles = [resized.crop((c * T, r * T, (c + 1) * T, (r + 1) * T)) for r in range(n_h) for c in range(n_w)]
@@ -90,12 +97,16 @@ def preprocess(image, mode: str = "base", max_crops: int = cfg.GUNDAM_MAX_CROPS)
     return views
 
 
-def token_count(mode: str, grid: tuple[int, int] = (1, 1)) -> int:
-    """Tokens one image produces: h*(w+1) + 1 natively; tiles add 10 n_h (10 n_w + 1)."""
-    m = cfg.MODES[mode]
-    n = cfg.view_tokens(m.base_size) + 1
+def token_count(mode: str, grid: tuple[int, int] = (1, 1), model: str = "v1") -> int:
+    """Tokens one image produces. v1: h*(w+1) + 1 natively; tiles add 10 n_h (10 n_w + 1).
+    v2: 256 global + 1 separator; tiles add 144 each (257 + 144 k)."""
+    m = cfg.mode_of(mode, model)
     n_w, n_h = grid
-    if m.tiles and n_w * n_h > 1:
+    tiled = m.tiles and n_w * n_h > 1
+    if model == "v2":
+        return cfg.v2_view_tokens(m.base_size) + 1 + (n_w * n_h * cfg.v2_view_tokens(m.tile_size) if tiled else 0)
+    n = cfg.view_tokens(m.base_size) + 1
+    if tiled:
         g = cfg.compressed_grid(m.tile_size)
         n += g * n_h * (g * n_w + 1)
     return n

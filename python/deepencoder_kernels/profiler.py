@@ -1,4 +1,5 @@
-"""Measure DeepEncoder per stage (FLOPs, activation bytes, time) and check the claims in circulation.
+"""Measure DeepEncoder (v1) or DeepEncoder V2 per stage (FLOPs, activation bytes, time) and check the
+claims in circulation.
 
 Two kinds of pass, never mixed:
 - one counting pass on fake tensors (the encoder's structure in the requested dtype on the target
@@ -204,9 +205,18 @@ class Profile:
     measured_peak_bytes: int = 0             # CUDA: the caching allocator's peak over the warm passes
     load_average: float = 0.0                # the host's 1-minute load average after the timed passes
     cpus: int = 0                            # logical CPUs of the host (what the load compares with)
+    model: str = "v1"                        # encoder generation: v1 (DeepSeek-OCR) or v2 (DeepSeek-OCR 2)
+    tile_size: int = 0                       # side of the tiles (0: no tiles in this mode)
+    prefix_lm_flops: dict[str, int] = field(default_factory=dict)   # V2 causal-flow attention: dense vs needed
 
     def stage(self, name: str) -> StageRecord:
         return next(s for s in self.stages if s.name == name)
+
+    @property
+    def padding_flops(self) -> int:
+        """What upstream adds by running qkv/proj on the zero-padded window tokens (skipped here)."""
+        tiles = (self.views - 1) * window_padding_flops(self.tile_size) if self.views > 1 else 0
+        return self.batch * (window_padding_flops(self.image_size) + tiles)
 
     @property
     def sam_trunk_flops(self) -> int:
@@ -319,14 +329,17 @@ def _progress_printer(enabled: bool):
     return show
 
 
-_SMALL_INIT = ("rel_pos", "pos_embed", "class_embedding", "position_embedding", "newline", "seperator")
+_SMALL_INIT = ("rel_pos", "pos_embed", "class_embedding", "position_embedding", "newline", "seperator", "query_")
 
 
-def skeleton_encoder():
-    """Full-size DeepEncoder with its parameters on the meta device (no memory, no init) and its
-    buffers real (``position_ids``): the structure the counting pass runs, and what
-    :func:`random_encoder` fills."""
-    from .modules import DeepEncoder
+def skeleton_encoder(model: str = "v1"):
+    """Full-size DeepEncoder (``model`` "v1") or DeepEncoderV2 ("v2") with its parameters on the meta
+    device (no memory, no init) and its buffers real (``position_ids``): the structure the counting
+    pass runs, and what :func:`random_encoder` fills."""
+    from .modules import DeepEncoder, DeepEncoderV2
+
+    if model not in cfg.MODELS:
+        raise ValueError(f"model must be one of {sorted(cfg.MODELS)}, got {model!r}")
 
     register = torch.nn.Module.register_parameter
 
@@ -337,19 +350,21 @@ def skeleton_encoder():
 
     torch.nn.Module.register_parameter = on_meta     # init then runs on meta tensors: a no-op
     try:
-        return DeepEncoder()
+        return DeepEncoderV2() if model == "v2" else DeepEncoder()
     finally:
         torch.nn.Module.register_parameter = register
 
 
 def random_encoder(seed: int = 0, dtype=torch.float32, device="cpu", model=None):
     """Full-size DeepEncoder with seeded random weights: Linear/conv weights uniform in
-    +-1/sqrt(fan_in) (torch's default bound), LayerNorms 1 / 0, positions, tables and other vectors
-    N(0, 0.02), so nothing is zero. Parameters are allocated once in ``dtype`` and filled in place
-    (no fp32 copy, no second init). ``model``: a :func:`skeleton_encoder` to fill instead."""
+    +-1/sqrt(fan_in) (torch's default bound), LayerNorms / RMSNorms 1 / 0, positions, tables, query
+    banks and other vectors N(0, 0.02), so nothing is zero. Parameters are allocated once in ``dtype``
+    and filled in place (no fp32 copy, no second init). ``model``: a :func:`skeleton_encoder` to fill
+    instead, or "v1" / "v2" for that generation's."""
+    from .modules.causal_flow import RMSNorm
     from .modules.sam import LayerNorm2d
 
-    enc = model if model is not None else skeleton_encoder()
+    enc = model if isinstance(model, torch.nn.Module) else skeleton_encoder(model or "v1")
     for module in enc.modules():
         for name, p in module._parameters.items():
             if p is not None and p.device.type == "meta":
@@ -357,7 +372,7 @@ def random_encoder(seed: int = 0, dtype=torch.float32, device="cpu", model=None)
                 module._parameters[name] = torch.nn.Parameter(empty, requires_grad=p.requires_grad)
     enc = enc.to(device=device, dtype=dtype)
     g = torch.Generator(device=device).manual_seed(seed)
-    norms = {id(p) for m in enc.modules() if isinstance(m, (torch.nn.LayerNorm, LayerNorm2d)) for p in m.parameters()}
+    norms = {id(p) for m in enc.modules() if isinstance(m, (torch.nn.LayerNorm, LayerNorm2d, RMSNorm)) for p in m.parameters()}
     with torch.no_grad():
         for name, p in enc.named_parameters():
             if id(p) in norms:
@@ -383,7 +398,19 @@ def fake_copy(model: torch.nn.Module, fake_mode: FakeTensorMode, dtype: torch.dt
 
 def encode_copies(encoder, views, batch: int = 1, stage=nvtx_stage) -> list[torch.Tensor]:
     """``batch`` copies of one page through the encoder as one batch ([batch, 3, S, S] per view
-    size, as a server batches same-mode pages); each copy's tokens in upstream's layout."""
+    size, as a server batches same-mode pages); each copy's tokens in upstream's layout. Each view
+    size is its own pass (V2: the global views, then the tiles, each one causal-flow call of equal
+    lengths), as upstream batches them, so every stage counts the work upstream does per view."""
+    if getattr(encoder, "generation", "v1") == "v2":
+        device, dtype = encoder._placement
+        pixels = views.global_view[None].expand(batch, -1, -1, -1).to(device, dtype)
+        global_feats = encoder.view_features([pixels], stage)[0]
+        tile_feats = None
+        if views.tiles is not None:
+            n = views.tiles.shape[0]
+            tiles = views.tiles[None].expand(batch, -1, -1, -1, -1).reshape(batch * n, *views.tiles.shape[1:])
+            tile_feats = encoder.view_features([tiles.to(device, dtype)], stage)[0].view(batch, n, -1, global_feats.shape[-1])
+        return [encoder.layout(global_feats[i], None if tile_feats is None else tile_feats[i]) for i in range(batch)]
     if batch == 1:
         return [encoder.encode_views(views, stage)]
     if encoder.saccades is not None:
@@ -451,8 +478,45 @@ def clip_flops_at(tokens_side: int) -> int:
     return counter.get_total_flops()
 
 
+def causal_flow_attention_flops(view_sides: list[int]) -> dict[str, int]:
+    """FLOPs of V2's causal-flow attention (QK^T + PV, 24 layers) over views of these sides: ``dense``
+    as upstream's SDPA with a dense float mask computes it (every (2n)^2 score, as the op's formula
+    counts it) and ``needed`` by the prefix-LM mask (image rows n keys, query row i n + i + 1 keys:
+    62.5% of dense at n = 256). Counted from shapes."""
+    per_score = 4 * cfg.CAUSAL_FLOW_HEADS * cfg.HEAD_DIM * cfg.CAUSAL_FLOW_DEPTH
+    dense = needed = 0
+    for side in view_sides:
+        n = cfg.v2_view_tokens(side)
+        dense += per_score * (2 * n) ** 2
+        needed += per_score * (2 * n * n + n * (n + 1) // 2)
+    return {"dense": dense, "needed": needed}
+
+
+V2_SPEC_GFLOPS = {1024: 1366.2, 768: 728.0}   # deepencoder-v2.md: FlopCounterMode over upstream's modules, fp32, batch 1
+
+
+def _claims_v2(p: Profile) -> list[dict]:
+    """DeepSeek-OCR 2's README and paper, and the reference's measured FLOPs per view."""
+    out = []
+    if p.batch == 1:
+        tiles = p.views - 1
+        page_tokens = p.output_tokens - 1        # the separator is not a visual token
+        out.append({"claim": "README: (0-6)x768x768 + 1x1024x1024 views per page", "claimed": 7, "measured": p.views,
+                    "ratio": p.views / 7, "verdict": "within" if 1 <= p.views <= 7 and tiles != 1 else "outside"})
+        out.append({"claim": "paper: 256 to 1120 visual tokens per page", "claimed": 1120, "measured": page_tokens,
+                    "ratio": page_tokens / 1120, "verdict": f"within (256 + 144 x {tiles})" if 256 <= page_tokens <= 1120 else "outside"})
+        upstream = (p.total_flops + p.padding_flops) / 1e9
+        spec = V2_SPEC_GFLOPS[1024] + tiles * V2_SPEC_GFLOPS[768]
+        out.append({"claim": f"upstream counted {spec:.1f} GFLOPs per page (1366.2 + 728.0 per tile)", "claimed": spec,
+                    "measured": upstream, "ratio": upstream / spec,
+                    "verdict": "equal" if abs(upstream - spec) < 0.05 * (1 + tiles) else f"differs by {upstream - spec:+.1f}"})
+    return out
+
+
 def _claims(p: Profile) -> list[dict]:
     G = 1e9
+    if p.model == "v2":
+        return _claims_v2(p)
 
     def verdict(measured: float, claimed: float, what: str) -> dict:
         ratio = measured / claimed
@@ -514,10 +578,15 @@ def count(views, encoder, dtype: torch.dtype, device: torch.device, batch: int =
     return [r for r in counter.records.values() if r.calls], out[0].shape[0]
 
 
-def profile(mode: str = "base", image=None, weights: str | None = None, dtype: torch.dtype = torch.bfloat16,
+def profile(mode: str | None = None, image=None, weights: str | None = None, dtype: torch.dtype = torch.bfloat16,
             device: str | None = None, progress: bool = True, encoder=None, repeat: int = 1, warmup: int = 1,
-            batch: int = 1, timing_dtype: torch.dtype | None = None, max_crops: int = cfg.GUNDAM_MAX_CROPS) -> Profile:
+            batch: int = 1, timing_dtype: torch.dtype | None = None, max_crops: int | None = None,
+            model: str | None = None) -> Profile:
     """Profile the encoder on ``image`` (default: a rendered document page), ``batch`` copies per pass.
+
+    ``model``: "v1" (DeepSeek-OCR's DeepEncoder, default mode ``base``) or "v2" (DeepEncoder V2, default
+    mode ``dynamic``); default: the given encoder's generation, else v1. ``max_crops``: the tile
+    budget (None: the mode's).
 
     1. Counting pass (:func:`count`): FLOPs and activation bytes per stage in ``dtype``; instant.
     2. ``warmup`` passes, timed apart (on a GPU: Triton compilation / autotuning happen here).
@@ -525,32 +594,39 @@ def profile(mode: str = "base", image=None, weights: str | None = None, dtype: t
     ``repeat=0`` (or ``device="meta"``) counts only. ``timing_dtype`` defaults to ``dtype`` except on a
     CPU that emulates it (:func:`choose_timing_dtype`); a given ``encoder`` is timed in its own dtype.
     """
-    if mode not in cfg.MODES:
-        raise ValueError(f"mode must be one of {sorted(cfg.MODES)}, got {mode!r}")
+    model = model or getattr(encoder, "generation", "v1")
+    if encoder is not None and getattr(encoder, "generation", "v1") != model:
+        raise ValueError(f"model={model!r} but the given encoder is {type(encoder).__name__} ({encoder.generation})")
+    mode = mode or ("dynamic" if model == "v2" else "base")
+    m = cfg.mode_of(mode, model)
     for name, value, low in (("repeat", repeat, 0), ("warmup", warmup, 0), ("batch", batch, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     show = _progress_printer(progress)
-    views = preprocess(image if image is not None else render_document_page(), mode, max_crops)
+    views = preprocess(image if image is not None else render_document_page(), mode, max_crops, model)
     n_views = 1 + (views.tiles.shape[0] if views.tiles is not None else 0)
 
     show("counting FLOPs and bytes (fake tensors)")
     t0 = time.perf_counter()
-    structure = encoder if encoder is not None else skeleton_encoder()
+    structure = encoder if encoder is not None else skeleton_encoder(model)
     dispatch.clear_last_backends()
     stages, tokens = count(views, structure, dtype, dev, batch)
     count_seconds = time.perf_counter() - t0
     backends = {op: c.backend for op, c in dispatch.last_backends().items()}
     p = Profile(
-        mode=mode, image_size=cfg.MODES[mode].base_size, views=n_views, dtype=str(dtype).replace("torch.", ""),
+        mode=mode, image_size=m.base_size, views=n_views, dtype=str(dtype).replace("torch.", ""),
         device=dev.type, device_name=device_name(dev), backend=dispatch.requested_kind(),
         weights=weights or ("given encoder" if encoder is not None else "seeded random (seed 0)"),
         output_tokens=tokens, batch=batch, stages=stages, backends=backends, versions=_versions(),
-        date=time.strftime("%Y-%m-%d"), count_seconds=count_seconds,
+        date=time.strftime("%Y-%m-%d"), count_seconds=count_seconds, model=model,
+        tile_size=m.tile_size if n_views > 1 else 0,
     )
+    if model == "v2":
+        p.prefix_lm_flops = {k: batch * v for k, v in
+                             causal_flow_attention_flops([m.base_size] + [m.tile_size] * (n_views - 1)).items()}
     if getattr(structure, "saccades", None) is None:
-        assert tokens == token_count(mode, views.grid)
+        assert tokens == token_count(mode, views.grid, model)
     p.claims = _claims(p)
     if dev.type == "meta" or repeat == 0:
         return p
@@ -634,8 +710,9 @@ def format_report(p: Profile) -> str:
     G = 1e9
     timed = bool(p.pass_seconds)
     per_page = f", batch {p.batch} pages per pass" if p.batch > 1 else ""
+    name = "DeepEncoder V2 (DeepSeek-OCR 2)" if p.model == "v2" else "DeepEncoder (DeepSeek-OCR)"
     lines = [
-        f"DeepEncoder profile: mode={p.mode} ({p.image_size}px, {p.views} view(s) per page{per_page}), dtype={p.dtype}, "
+        f"{name} profile: mode={p.mode} ({p.image_size}px, {p.views} view(s) per page{per_page}), dtype={p.dtype}, "
         f"device={p.device_name}, backend={p.backend}, weights={p.weights}",
         f"output: {p.output_tokens} tokens x {cfg.PROJ_OUT} per page; ops ran on: "
         + ", ".join(f"{op}={b}" for op, b in sorted(p.backends.items())),
@@ -678,17 +755,21 @@ def format_report(p: Profile) -> str:
                      f"{p.batch / p.seconds:.2f} pages/s, {p.total_flops / p.seconds / G:.1f} GFLOP/s)")
         if p.measured_peak_bytes:
             lines.append(f"CUDA caching allocator peak over the warm passes: {p.measured_peak_bytes / MiB:.1f} MiB above the weights")
-    tile = cfg.MODES[p.mode].tile_size
-    pad = p.batch * (window_padding_flops(p.image_size) + (p.views - 1) * window_padding_flops(tile))
+    pad = p.padding_flops
+    if p.prefix_lm_flops:
+        dense, needed = p.prefix_lm_flops["dense"], p.prefix_lm_flops["needed"]
+        lines.append(f"causal flow attention (prefix-LM): {dense / G:.2f} GFLOPs as a dense mask computes it (counted above), "
+                     f"{needed / G:.2f} needed ({needed / dense:.1%}); the fused kernel skips the key tiles a row cannot see")
     lines.append(
         f"(upstream also runs qkv/proj on the zero-padded window tokens: +{pad / G:.1f} GFLOPs, counted from "
         f"shapes: SAM trunk {(p.sam_trunk_flops + pad) / G:.1f}, total {(p.total_flops + pad) / G:.1f} as upstream "
         f"runs it. Here those tokens' qkv is exactly the bias, so that work is skipped.)"
     )
     if p.claims:
-        lines += ["", f"{'claim in circulation':<40}{'claimed':>10}{'measured':>11}  verdict"]
+        width = max(40, *(len(c["claim"]) + 2 for c in p.claims))
+        lines += ["", f"{'claim in circulation':<{width}}{'claimed':>10}{'measured':>11}  verdict"]
         for c in p.claims:
-            lines.append(f"{c['claim']:<40}{c['claimed']:>10.4g}{c['measured']:>11.4g}  {c['verdict']}")
+            lines.append(f"{c['claim']:<{width}}{c['claimed']:>10.4g}{c['measured']:>11.4g}  {c['verdict']}")
     return "\n".join(lines)
 
 
@@ -711,7 +792,7 @@ def plot(p: Profile, path: str) -> None:
         ax.invert_yaxis()
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
-    fig.suptitle(f"DeepEncoder {p.mode} ({p.image_size}px), {p.dtype}, {p.device_name}")
+    fig.suptitle(f"DeepEncoder{' V2' if p.model == 'v2' else ''} {p.mode} ({p.image_size}px), {p.dtype}, {p.device_name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,7 +1,7 @@
 """Benchmark-regression gate: the figures of this package that are deterministic or measurable on
 a CPU, compared against a committed baseline with a readable diff.
 
-- ``flops``: FLOPs per encoder stage and mode (counted on the meta device: exact, deterministic);
+- ``flops``: FLOPs per encoder stage and mode, v1 and V2 (counted on the meta device: exact, deterministic);
 - ``allocated``: activation bytes each op allocates (``MemoryTracker``): the reference backends at
   real DeepEncoder shapes and the fused launchers (in Triton's interpreter, which allocates nothing
   itself) at reduced shapes. Exact: any growth fails;
@@ -31,14 +31,23 @@ SPEEDUP_MARGIN = 0.25  # shared 2-core CI machines: a speed-up may fall to a qua
 MODE_SIDES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
 
 
+V2_PAGES = {"v2/base": ("base", None), "v2/dynamic-2x3": ("dynamic", (1536, 2304))}   # a 1024 view; + six 768 tiles
+
+
 def flops_per_stage() -> dict:
-    from .modules import DeepEncoder
+    from PIL import Image
+
+    from .modules import DeepEncoder, DeepEncoderV2
     from .profiler import profile
 
     with torch.device("meta"):
-        enc = DeepEncoder().to(torch.bfloat16)
-    return {mode: {s.name: s.flops for s in profile(mode, encoder=enc, device="meta", progress=False).stages}
-            for mode in MODE_SIDES}
+        enc, enc_v2 = DeepEncoder().to(torch.bfloat16), DeepEncoderV2().to(torch.bfloat16)
+    out = {mode: {s.name: s.flops for s in profile(mode, encoder=enc, device="meta", progress=False).stages}
+           for mode in MODE_SIDES}
+    for key, (mode, size) in V2_PAGES.items():
+        page = Image.new("RGB", size, "white") if size else None
+        out[key] = {s.name: s.flops for s in profile(mode, page, encoder=enc_v2, device="meta", progress=False).stages}
+    return out
 
 
 def _allocated(fn) -> int:

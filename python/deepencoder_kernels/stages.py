@@ -9,7 +9,8 @@ import contextlib
 
 import torch
 
-STAGES = ("patch embed", "windowed blocks", "global blocks", "neck+compressor", "CLIP", "projector", "saccades")
+# v1 runs CLIP after the compressor, DeepEncoder V2 the causal-flow stage (its Qwen2 decoder as encoder)
+STAGES = ("patch embed", "windowed blocks", "global blocks", "neck+compressor", "CLIP", "causal flow", "projector", "saccades")
 
 try:
     import nvtx as _nvtx

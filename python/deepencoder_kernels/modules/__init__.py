@@ -1,8 +1,9 @@
 """Thin nn.Modules with DeepSeek-OCR's parameter names; their math goes through ``ops``."""
 from .clip import ClipAttention, ClipVisionModel
-from .encoder import DeepEncoder, MlpProjector
+from .causal_flow import CausalFlowEncoder
+from .encoder import DeepEncoder, DeepEncoderV2, MlpProjector
 from .saccade import SaccadeSelector
 from .sam import Compressor, RelPosAttention, SamBlock, SamEncoder
 
-__all__ = ["ClipAttention", "ClipVisionModel", "Compressor", "DeepEncoder", "MlpProjector", "RelPosAttention",
+__all__ = ["CausalFlowEncoder", "ClipAttention", "ClipVisionModel", "Compressor", "DeepEncoder", "DeepEncoderV2", "MlpProjector", "RelPosAttention",
            "SaccadeSelector", "SamBlock", "SamEncoder"]

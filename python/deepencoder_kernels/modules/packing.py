@@ -40,6 +40,7 @@ class Packing:
     max_seqlen: int                     # a host int: launches need no device sync
     grid_hw: torch.Tensor | None = None  # int32 [num_seqs, 2] (row-major grids) for rel-pos bias
     max_side: int = 0                   # a host int bounding grid_hw (sizes the rel-pos tables)
+    prefix_lens: torch.Tensor | None = None   # int32 [num_seqs]: the prefix-LM boundary of each sequence
 
     @classmethod
     def of_lengths(cls, lengths: list[int], device) -> "Packing":
@@ -63,3 +64,16 @@ class Packing:
             return cls(lengths.cu_seqlens, lengths.max_seqlen, grid_hw, max([0] + [max(h, w) for h, w in grids]))
 
         return _cached(("grids", grids, str(torch.device(device))), make)
+
+    @classmethod
+    def of_prefix_lm(cls, prefixes: list[int], device) -> "Packing":
+        """Sequences of ``[p image tokens; p queries]`` (DeepEncoder V2's causal flow): lengths 2p,
+        ``prefix_lens`` p (image tokens see each other, queries see the image and earlier queries)."""
+        prefixes = tuple(int(p) for p in prefixes)
+
+        def make():
+            lengths = cls._of_lengths([2 * p for p in prefixes], device)
+            prefix = torch.tensor(prefixes, dtype=torch.int32, device=device)
+            return cls(lengths.cu_seqlens, lengths.max_seqlen, prefix_lens=prefix)
+
+        return _cached(("prefix_lm", prefixes, str(torch.device(device))), make)

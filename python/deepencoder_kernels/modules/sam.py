@@ -112,18 +112,20 @@ class CompressorParts:
     """``neck`` (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d), ``net_2`` and ``net_3`` (3x3 stride-2
     convs) with the checkpoint's names, and the op that runs them on channels-last input."""
 
-    def _build_compressor(self, dim: int, neck_dim: int, out_dim: int) -> None:
+    def _build_compressor(self, dim: int, neck_dim: int, out_dim: int, net2_dim: int | None = None) -> None:
+        """``net2_dim``: net_2's channels (None: out_dim // 2, as v1's 512 -> 1024; V2 keeps 512 -> 896)."""
         self.neck = nn.Sequential(
             nn.Conv2d(dim, neck_dim, 1, bias=False),
             LayerNorm2d(neck_dim),
             nn.Conv2d(neck_dim, neck_dim, 3, padding=1, bias=False),
             LayerNorm2d(neck_dim),
         )
-        self.net_2 = nn.Conv2d(neck_dim, out_dim // 2, 3, 2, 1, bias=False)
-        self.net_3 = nn.Conv2d(out_dim // 2, out_dim, 3, 2, 1, bias=False)
+        net2_dim = out_dim // 2 if net2_dim is None else net2_dim
+        self.net_2 = nn.Conv2d(neck_dim, net2_dim, 3, 2, 1, bias=False)
+        self.net_3 = nn.Conv2d(net2_dim, out_dim, 3, 2, 1, bias=False)
 
     def compress(self, x):
-        """Trunk output [B, H, W, C] (channels-last, as it is) -> tokens [B, h*w, 1024]."""
+        """Trunk output [B, H, W, C] (channels-last, as it is) -> tokens [B, h*w, out_dim] (1024 v1, 896 V2)."""
         n0, n1, n2, n3 = self.neck
         return ops.compress(x, n0.weight, n1.weight, n1.bias, n2.weight, n3.weight, n3.bias,
                             self.net_2.weight, self.net_3.weight, n1.eps)
@@ -133,17 +135,20 @@ class Compressor(CompressorParts, nn.Module):
     """Drop-in neck + compressor: loads ``sam_model.neck.*``, ``sam_model.net_2.*`` and
     ``sam_model.net_3.*`` (prefix stripped) as they are; ``forward(x [B, H, W, 768]) -> [B, h*w, 1024]``."""
 
-    def __init__(self, dim: int = cfg.SAM_DIM, neck_dim: int = cfg.SAM_NECK_DIM, out_dim: int = cfg.SAM_OUT_DIM):
+    def __init__(self, dim: int = cfg.SAM_DIM, neck_dim: int = cfg.SAM_NECK_DIM, out_dim: int = cfg.SAM_OUT_DIM,
+                 net2_dim: int | None = None):
         super().__init__()
-        self._build_compressor(dim, neck_dim, out_dim)
+        self._build_compressor(dim, neck_dim, out_dim, net2_dim)
 
     def forward(self, x):
         return self.compress(x)
 
 
 class SamEncoder(CompressorParts, nn.Module):
-    """``sam_model``: pixels [B, 3, S, S] -> features [B, 1024, g, g] (a channels-last view), with
+    """``sam_model``: pixels [B, 3, S, S] -> features [B, out_dim, g, g] (a channels-last view), with
     g = ``cfg.compressed_grid(S)`` = ceil(ceil((S / 16) / 2) / 2), as upstream's convs give it.
+    One trunk for both generations: v1's net_3 gives 1024 channels, V2's 896 (``out_dim``,
+    ``net2_dim=512``); nothing else differs (DeepSeek-OCR 2's ``sam_vary_sdpa.py``).
 
     The width/depth arguments exist so tests can build small models with the same code paths.
     """
@@ -157,6 +162,7 @@ class SamEncoder(CompressorParts, nn.Module):
         global_blocks=cfg.SAM_GLOBAL_BLOCKS,
         neck_dim: int = cfg.SAM_NECK_DIM,
         out_dim: int = cfg.SAM_OUT_DIM,
+        net2_dim: int | None = None,
     ):
         super().__init__()
         self.patch_embed = PatchEmbed()
@@ -172,7 +178,7 @@ class SamEncoder(CompressorParts, nn.Module):
             )
             for i in range(depth)
         )
-        self._build_compressor(dim, neck_dim, out_dim)
+        self._build_compressor(dim, neck_dim, out_dim, net2_dim)
 
     def embed(self, pixels):
         x = self.patch_embed(pixels)
