@@ -52,6 +52,7 @@ def run_benchmarks(quick: bool, modes=MODES, dry_run: bool = False) -> None:
     if not quick:
         run([py, "bench_compress.py"])
         run([py, "bench_memory.py"])
+        run([py, "bench_pages.py"])         # page reading: CPU only, a few minutes (a fresh process per case)
     if torch.cuda.is_available():
         run([py, "-m", "pytest", "-q", "bench_rel_pos_attention.py",
              f"--benchmark-json={RESULTS / ('rel_pos_attention_' + torch.cuda.get_device_name().replace(' ', '_') + '.json')}"])
