@@ -253,3 +253,31 @@ def test_exact_after_data_writes_on_cuda(model):
         with dk.backend("triton"):
             got = model(pixels)
     assert_close(got, want, torch.float32)
+
+
+def test_a_backend_declared_not_faster_keeps_the_original(model, monkeypatch):
+    """``faster_than_upstream`` on a backend (a bool or ``(device, dtype) -> bool``) decides, not its name:
+    here the interpreter is 'auto''s first choice but declared not faster for rel_pos_attention, so the SAM
+    blocks keep their own code while the other parts run the ops."""
+    import dataclasses
+
+    from deepencoder_kernels import dispatch
+
+    class NotFaster(dispatch.Backend):
+        faster_than_upstream = staticmethod(lambda device, dtype: False)
+
+    declared = [NotFaster(**{f.name: getattr(b, f.name) for f in dataclasses.fields(b)}) if b.name == "triton-interpret" else b
+                for b in dispatch._REGISTRY["rel_pos_attention"]]
+    monkeypatch.setitem(dispatch._REGISTRY, "rel_pos_attention", declared)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("triton-interpret", "reference"))
+    with torch.no_grad():
+        want = model(PIXELS)
+    report = dk.accelerate(model)
+    assert len(report.original_here) == 1 and "rel_pos_attention" in report.original_here[0]
+    assert "3 sam block" in report.original_here[0] and "compress" not in report.original_here[0]
+    dispatch.clear_last_backends()
+    with torch.no_grad():
+        got = model(PIXELS)
+    assert {op: c.backend for op, c in dk.last_backends().items()} == {"compress": "triton-interpret",
+                                                                       "varlen_attention": "triton-interpret"}
+    assert_close(got, want, torch.float32)

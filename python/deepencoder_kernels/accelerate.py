@@ -169,8 +169,8 @@ _FASTER: dict = {}
 
 def _faster_backend(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """The backend ``auto`` takes for ``op`` here when it is faster than the module's own code (a
-    backend declares that with ``faster_than_upstream``; without the flag: anything but the
-    reference, which *is* upstream's math); None when there is none."""
+    backend declares that with ``faster_than_upstream``: a bool, or a callable ``(device, dtype) ->
+    bool``; without it: anything but the reference, which *is* upstream's math); None when there is none."""
     order = dispatch.AUTO_ORDER.get(device.type, ("reference",))
     key = (op, device.type, dtype, order)   # the backends' capabilities are fixed in a process: cached
     if key not in _FASTER:
@@ -178,7 +178,8 @@ def _faster_backend(op: str, device: torch.device, dtype: torch.dtype) -> str | 
         for name in order:
             b = next((b for b in dispatch.backends_of(op) if b.name == name), None)
             if b is not None and not b.reasons(device, dtype):
-                found = b.name if getattr(b, "faster_than_upstream", b.name != "reference") else None
+                faster = getattr(b, "faster_than_upstream", b.name != "reference")
+                found = b.name if (faster(device, dtype) if callable(faster) else faster) else None
                 break
         _FASTER[key] = found
     return _FASTER[key]
