@@ -172,11 +172,12 @@ def _faster_backend(op: str, device: torch.device, dtype: torch.dtype) -> str | 
     backend declares that with ``faster_than_upstream``: a bool, or a callable ``(device, dtype) ->
     bool``; without it: anything but the reference, which *is* upstream's math); None when there is none."""
     order = dispatch.AUTO_ORDER.get(device.type, ("reference",))
-    key = (op, device.type, dtype, order)   # the backends' capabilities are fixed in a process: cached
+    registered = dispatch._REGISTRY.get(op, [])
+    key = (op, device.type, dtype, order, id(registered), len(registered))   # changes when backends are (re)registered
     if key not in _FASTER:
         found = None
         for name in order:
-            b = next((b for b in dispatch.backends_of(op) if b.name == name), None)
+            b = next((b for b in registered if b.name == name), None)
             if b is not None and not b.reasons(device, dtype):
                 faster = getattr(b, "faster_than_upstream", b.name != "reference")
                 found = b.name if (faster(device, dtype) if callable(faster) else faster) else None
