@@ -48,8 +48,8 @@ def test_pages_are_read_lazily_and_at_most_batch_are_held(monkeypatch):
             produced.append(i)
             yield f"p{i}", render_document_page(320 + 64 * i, 480, seed=i)
 
-    def tracking_preprocess(page, mode, max_crops, **read):
-        views = real_preprocess(page, mode, max_crops, **read)
+    def tracking_preprocess(page, mode, max_crops, model, **read):
+        views = real_preprocess(page, mode, max_crops, model, **read)
         alive.append(weakref.ref(views))
         return views
 
@@ -299,3 +299,44 @@ def test_cli_exit_status_says_whether_a_page_failed(tmp_path, monkeypatch, capsy
     assert list(E.load_tokens(tmp_path / "p.safetensors")[0]) == ["in/b_locked.pdf#page=1", "in/b_locked.pdf#page=2", "in/a.png"]
     code, io_ = _cli(["in/nope.png", "--out", "q.safetensors"], enc, monkeypatch, capsys)
     assert code == 2 and "error: paths: no such file or folder: in/nope.png" in io_.err and not (tmp_path / "q.safetensors").exists()
+
+
+def test_encode_files_v2_dynamic_pages(tmp_path):
+    """DeepEncoder V2 through the same page pipeline: dynamic tiles of 768 + the 1024 view (257 + 144 k
+    tokens per page), equal to ``enc.encode`` page by page, the model recorded in the file."""
+    from conftest import small_encoder_v2
+
+    enc = small_encoder_v2()
+    paths = []
+    for i, size in enumerate([(700, 500), (1536, 768)]):
+        paths.append(tmp_path / f"v2-{i}.png")
+        Image.effect_mandelbrot(size, (-2.0 + 0.3 * i, -1.2, 1.0, 1.2), 60).convert("RGB").save(paths[-1])
+    out = tmp_path / "v2.safetensors"
+    summary = E.encode_files(enc, paths, out, "dynamic", batch=2, progress=False)
+    tokens, meta = E.load_tokens(out)
+    assert meta["model"] == "v2" and meta["mode"] == "dynamic" and meta["max_crops"] == "6"
+    assert [t.shape[0] for t in tokens.values()] == [257, 545] and summary["encoded"] == 2
+    for p in paths:
+        torch.testing.assert_close(tokens[str(p)], enc.encode(p, "dynamic")[0], atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"mode must be one of \['base', 'dynamic'\] for model v2, got 'gundam'"):
+        E.encode_files(enc, paths, tmp_path / "x.safetensors", "gundam", progress=False)
+
+
+def test_cli_encode_v2(tmp_path, capsys):
+    from deepencoder_kernels import cli
+    import deepencoder_kernels.profiler as prof
+    from conftest import small_encoder_v2
+
+    paths = _images(tmp_path, 1)
+    enc, original, asked = small_encoder_v2(), prof.random_encoder, []
+    prof.random_encoder = lambda dtype=torch.float32, device="cpu", seed=0, model=None: asked.append(model) or enc.to(dtype)
+    try:
+        assert cli.main(["encode", str(paths[0]), "--model", "v2", "--out", str(tmp_path / "o.safetensors"),
+                         "--dtype", "float32", "--quiet"]) == 0
+    finally:
+        prof.random_encoder = original
+    assert asked == ["v2"] and "(v2 dynamic, float32)" in capsys.readouterr().out
+    tokens, meta = E.load_tokens(tmp_path / "o.safetensors")
+    assert meta["model"] == "v2" and [t.shape for t in tokens.values()] == [(1121, 24)]   # 900 x 700 (1.29): 3 x 2 tiles
+    with pytest.raises(SystemExit):
+        cli.main(["encode", str(paths[0]), "--model", "v2", "--mode", "tiny", "--out", str(tmp_path / "x.safetensors")])

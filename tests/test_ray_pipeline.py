@@ -269,3 +269,25 @@ def test_killed_worker_loses_and_duplicates_nothing(local_ray, tmp_path):
     for name in ("page0.png", "page5.png"):
         page_id = str(tmp_path / "pages" / name)
         assert_close(got[page_id], enc.encode(page_id, modes[name])[0], torch.float32)
+
+
+def test_v2_pages_through_the_pipeline_steps(tmp_path):
+    """DeepEncoder V2 on the pipeline's steps without a cluster: the preprocessing task makes V2's
+    views (768 tiles, 1024 global), the actor (an EncoderSpec of model v2) encodes them packed, equal
+    to ``enc.encode``."""
+    from conftest import small_encoder_v2
+    from synthetic_pages import text_page
+
+    page = text_page(1536, 768, seed=3)
+    page.save(tmp_path / "wide.png")
+    items = dkray.list_pages(tmp_path)
+    batch = {k: [p[k] for p in items] for k in items[0]} | {"mode": ["dynamic"]}
+    views = dkray.preprocess_batch(batch, model="v2")
+    assert views["error"][0] == "" and dkray._from_u8(views["tiles"][0]).shape == (2, 3, 768, 768)
+    enc = small_encoder_v2()
+    actor = dkray.EncodeActor(dkray.EncoderSpec(factory=lambda: enc, model="v2"), device="cpu", dtype="float32")
+    row = {k: v[0] for k, v in actor(views).items()}
+    assert row["error"] == "" and row["n_tokens"] == 545
+    torch.testing.assert_close(dkray.tokens_of(row), enc.encode(tmp_path / "wide.png", "dynamic")[0], atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="for model v2, got 'gundam' \\(page "):
+        dkray.encode_collection(tmp_path, tmp_path / "out", "gundam", model="v2")

@@ -62,12 +62,12 @@ def iter_pages(refs: Iterable[PageRef], render: Callable | None = None) -> Itera
         yield ref, page
 
 
-def preprocess_page(page, mode: str, max_crops: int = cfg.GUNDAM_MAX_CROPS, **read):
-    """One page -> its views; ``read``: :func:`~deepencoder_kernels.preprocess.load_image`'s options
-    (``alpha``, ``max_pixels``, ``password``)."""
+def preprocess_page(page, mode: str, max_crops: int | None = None, model: str = "v1", **read):
+    """One page -> its views for ``mode`` of encoder generation ``model`` ("v1" or "v2"); ``read``:
+    :func:`~deepencoder_kernels.preprocess.load_image`'s options (``alpha``, ``max_pixels``, ``password``)."""
     from .preprocess import preprocess
 
-    return preprocess(page, mode, max_crops, **read)
+    return preprocess(page, mode, max_crops, model, **read)
 
 
 def encode_views_batch(encoder, views: list) -> list[torch.Tensor]:
@@ -77,7 +77,7 @@ def encode_views_batch(encoder, views: list) -> list[torch.Tensor]:
 
 
 def encode_pages(encoder, pages: Iterable[tuple[object, object]], mode: str, batch: int = 8,
-                 max_crops: int = cfg.GUNDAM_MAX_CROPS, *, on_error: Callable | None = None, alpha: str = "white",
+                 max_crops: int | None = None, *, on_error: Callable | None = None, alpha: str = "white",
                  max_pixels: int | None = MAX_PIXELS, password: str | None = None) -> Iterator[tuple[object, torch.Tensor]]:
     """``(id, page)`` pairs (e.g. from :func:`iter_pages`) -> ``(id, tokens)``, ``batch`` pages per
     packed pass. Pulls the next page only while filling a batch and drops each batch's views once
@@ -90,8 +90,8 @@ def encode_pages(encoder, pages: Iterable[tuple[object, object]], mode: str, bat
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-    if mode not in cfg.MODES:
-        raise ValueError(f"mode must be one of {sorted(cfg.MODES)}, got {mode!r}")
+    model = getattr(encoder, "generation", "v1")   # DeepEncoder: v1, DeepEncoderV2: v2
+    cfg.mode_of(mode, model)                         # a clear error naming the model's modes
     if alpha not in ALPHA:
         raise ValueError(f"alpha must be one of {ALPHA}, got {alpha!r}")
     read = dict(alpha=alpha, max_pixels=max_pixels, password=password)
@@ -102,7 +102,7 @@ def encode_pages(encoder, pages: Iterable[tuple[object, object]], mode: str, bat
             try:
                 if isinstance(page, BaseException):
                     raise page
-                views.append(preprocess_page(page, mode, max_crops, **read))
+                views.append(preprocess_page(page, mode, max_crops, model, **read))
             except Exception as e:
                 if on_error is None:
                     raise
@@ -214,13 +214,13 @@ class Progress:
             print(file=self.stream)
 
 
-def encode_files(encoder, paths, out, mode: str = "base", batch: int = 8, max_crops: int = cfg.GUNDAM_MAX_CROPS,
+def encode_files(encoder, paths, out, mode: str = "base", batch: int = 8, max_crops: int | None = None,
                  progress: bool = True, render: Callable | None = None, page_count: Callable | None = None, *,
                  recursive: bool = False, password: str | None = None, alpha: str = "white",
                  max_pixels: int | None = MAX_PIXELS, errors=None, stream=None) -> dict:
     """Images, PDFs, folders and globs (:func:`list_pages`) -> ``out`` (safetensors): one tensor per
     page named by its page id, in page order, the encoder's dtype; metadata ``mode``, ``page_ids``
-    (JSON list of the pages written), ``failed_page_ids``, ``dim``, ``max_crops``.
+    (JSON list of the pages written), ``failed_page_ids``, ``dim``, ``max_crops``, ``model`` (v1 or v2).
 
     A page that cannot be read or encoded is skipped and reported: a line on ``stream`` (default
     stderr, also with ``progress=False``) and a JSON line ``{"page_id", "error"}`` in ``errors``
@@ -265,8 +265,10 @@ def encode_files(encoder, paths, out, mode: str = "base", batch: int = 8, max_cr
         raise
     finally:
         bar.close()
-    writer.close({"mode": mode, "page_ids": json.dumps(written), "failed_page_ids": json.dumps([f for f, _ in failed]),
-                  "dim": str(encoder.projector.layers.out_features), "max_crops": str(max_crops)})
+    model = getattr(encoder, "generation", "v1")
+    writer.close({"model": model, "mode": mode, "page_ids": json.dumps(written),
+                  "failed_page_ids": json.dumps([f for f, _ in failed]), "dim": str(encoder.projector.layers.out_features),
+                  "max_crops": str(cfg.mode_of(mode, model).max_crops if max_crops is None else max_crops)})
     seconds = time.perf_counter() - start
     return {"pages": len(refs), "encoded": len(written), "failed": failed, "tokens": tokens_total, "seconds": seconds,
             "out": str(out), "errors": str(errors_path)}

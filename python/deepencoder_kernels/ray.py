@@ -82,7 +82,7 @@ def _from_u8(u8: np.ndarray) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-def preprocess_batch(batch: dict, max_crops: int = cfg.GUNDAM_MAX_CROPS, alpha: str = "white",
+def preprocess_batch(batch: dict, max_crops: int | None = None, model: str = "v1", alpha: str = "white",
                      max_pixels: int | None = MAX_PIXELS, password: str | None = None) -> dict:
     """CPU stage: page items -> uint8 views (global [3, S, S], tiles [n, 3, T, T], grid) or an error
     (:func:`describe_error`: a PageError's sentence naming the file, page and cause)."""
@@ -92,7 +92,7 @@ def preprocess_batch(batch: dict, max_crops: int = cfg.GUNDAM_MAX_CROPS, alpha: 
               for k, default in zip(_REF_FIELDS[1:], (-1, "", -1, ""))]
     for page_id, path, mode, *ref in zip(batch["page_id"], batch["path"], batch["mode"], *fields):
         try:
-            views = pages_io.preprocess_page(read_page(str(path), *ref), str(mode), max_crops, alpha=alpha,
+            views = pages_io.preprocess_page(read_page(str(path), *ref), str(mode), max_crops, model, alpha=alpha,
                                              max_pixels=max_pixels, password=password)
             g = _to_u8(views.global_view)
             t = _to_u8(views.tiles) if views.tiles is not None else np.zeros((0, 3, 0, 0), np.uint8)
@@ -125,11 +125,13 @@ def _columns(out: dict) -> dict:
 @dataclass
 class EncoderSpec:
     """Builds the encoder inside each actor: ``weights`` (a checkpoint file or folder) or seeded
-    random weights; ``factory`` (a picklable callable returning a DeepEncoder) overrides both."""
+    random weights, of generation ``model`` ("v1" DeepEncoder, "v2" DeepEncoderV2); ``factory`` (a
+    picklable callable returning an encoder) overrides both."""
 
     weights: str | None = None
     seed: int = 0
     factory: Callable | None = None
+    model: str = "v1"
 
     def build(self):
         if self.factory is not None:
@@ -137,10 +139,10 @@ class EncoderSpec:
         if self.weights is None:
             from .profiler import random_encoder
 
-            return random_encoder(self.seed)
-        from .modules import DeepEncoder
+            return random_encoder(self.seed, model=self.model)
+        from .modules import DeepEncoder, DeepEncoderV2
 
-        enc = DeepEncoder()
+        enc = DeepEncoderV2() if self.model == "v2" else DeepEncoder()
         enc.load_checkpoint(self.weights)
         return enc
 
@@ -202,7 +204,7 @@ def tokens_of(row: dict) -> torch.Tensor:
 
 def build_dataset(pages: list[dict], spec: EncoderSpec, *, batch_size: int = 8, concurrency: int | None = None,
                   num_gpus: float | None = None, device: str | None = None, dtype: str = "auto", backend: str = "auto",
-                  max_crops: int = cfg.GUNDAM_MAX_CROPS, preprocess_cpus: float = 1, alpha: str = "white",
+                  max_crops: int | None = None, preprocess_cpus: float = 1, alpha: str = "white",
                   max_pixels: int | None = MAX_PIXELS, password: str | None = None):
     """The Ray Data pipeline over page items that carry a ``mode``; lazy: nothing runs until consumed.
     ``num_gpus`` per actor defaults to 1 when the cluster has GPUs, else 0 (CPU actors);
@@ -218,7 +220,8 @@ def build_dataset(pages: list[dict], spec: EncoderSpec, *, batch_size: int = 8, 
         concurrency = max(1, int(gpus // num_gpus)) if num_gpus else 1
     ds = ray.data.from_items(pages)
     ds = ds.map_batches(preprocess_batch, batch_size=1, num_cpus=preprocess_cpus,
-                        fn_kwargs={"max_crops": max_crops, "alpha": alpha, "max_pixels": max_pixels, "password": password})
+                        fn_kwargs={"max_crops": max_crops, "model": spec.model, "alpha": alpha, "max_pixels": max_pixels,
+                                   "password": password})
     return ds.map_batches(EncodeActor, fn_constructor_args=(spec, device, dtype, backend), batch_size=batch_size,
                           concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1)
 
@@ -295,16 +298,18 @@ class _ShardWriter:
         self._reset()
 
 
-def encode_collection(source, output, mode="base", weights: str | None = None, *, encoder_factory: Callable | None = None,
+def encode_collection(source, output, mode=None, weights: str | None = None, *, encoder_factory: Callable | None = None,
                       fmt: str = "safetensors", shard_pages: int = 256, batch_size: int = 8, concurrency: int | None = None,
                       num_gpus: float | None = None, device: str | None = None, dtype: str = "auto", backend: str = "auto",
-                      max_crops: int = cfg.GUNDAM_MAX_CROPS, object_store_limit: int | None = None,
+                      max_crops: int | None = None, object_store_limit: int | None = None,
                       progress: bool | Callable[[str], None] = True, ray_address: str | None = None,
                       recursive: bool = False, password: str | None = None, alpha: str = "white",
-                      max_pixels: int | None = MAX_PIXELS) -> Summary:
+                      max_pixels: int | None = MAX_PIXELS, model: str = "v1") -> Summary:
     """Encode every page of ``source`` (folder, glob, file or a list of them) into ``output`` (a folder).
 
-    ``mode``: one mode for all pages, or a callable ``page_id -> mode``. Connects to the Ray cluster
+    ``model``: "v1" (DeepEncoder) or "v2" (DeepEncoderV2; an ``encoder_factory`` must build that
+    generation). ``mode``: one mode for all pages (default: v1 base, v2 dynamic), or a callable
+    ``page_id -> mode``. Connects to the Ray cluster
     at ``ray_address`` (or starts a local one) unless Ray is already initialised. ``recursive``,
     ``password``, ``alpha``, ``max_pixels``: as ``encode`` takes them (the password travels to the
     preprocessing tasks as an argument). Returns a :class:`Summary`; failed pages are also in
@@ -321,10 +326,13 @@ def encode_collection(source, output, mode="base", weights: str | None = None, *
     pages = list_pages(source, recursive, password)
     if not pages:
         raise ValueError("source: no pages to encode (the folders hold no image or PDF files)")
+    mode = mode or ("dynamic" if model == "v2" else "base")
     for page in pages:
         page["mode"] = mode(page["page_id"]) if callable(mode) else mode
-        if page["mode"] not in cfg.MODES:
-            raise ValueError(f"mode must be one of {sorted(cfg.MODES)}, got {page['mode']!r} for {page['page_id']}")
+        try:
+            cfg.mode_of(page["mode"], model)
+        except ValueError as e:
+            raise ValueError(f"{e} (page {page['page_id']})") from None
     to_stderr = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     say = progress if callable(progress) else to_stderr if progress else (lambda s: None)
     warn = progress if callable(progress) else to_stderr       # failed pages: reported even without progress lines
@@ -335,7 +343,7 @@ def encode_collection(source, output, mode="base", weights: str | None = None, *
     if object_store_limit is not None:   # this run's budget; the context's own is put back after it
         options.resource_limits = limits.copy(object_store_memory=object_store_limit)
     try:
-        return _run(pages, Path(output), EncoderSpec(weights=weights, factory=encoder_factory), say, fmt, shard_pages,
+        return _run(pages, Path(output), EncoderSpec(weights=weights, factory=encoder_factory, model=model), say, fmt, shard_pages,
                     dict(batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, device=device, dtype=dtype,
                          backend=backend, max_crops=max_crops, alpha=alpha, max_pixels=max_pixels, password=password),
                     warn)
@@ -416,7 +424,7 @@ def run_from_args(args) -> int:
                                 ray_address=args.ray_address, progress=not getattr(args, "quiet", False),
                                 object_store_limit=args.object_store_mib and args.object_store_mib * 2**20,
                                 recursive=args.recursive, password=args.password, alpha=args.alpha,
-                                max_pixels=args.max_pixels)
+                                max_pixels=args.max_pixels, model=getattr(args, "model", "v1"))
     print(summary)
     return 1 if summary.failed else 0
 
@@ -427,10 +435,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepencoder_kernels.ray", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="folders, image files and PDFs")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--mode", default="base", choices=sorted(cfg.MODES))
+    parser.add_argument("--model", default="v1", choices=sorted(cfg.MODELS), help="encoder generation: v1 DeepEncoder, v2 DeepEncoder V2")
+    parser.add_argument("--mode", help="v1: tiny, small, base, large, gundam (default base); v2: dynamic, base (default dynamic)")
     parser.add_argument("--weights", help="DeepSeek-OCR safetensors file or folder (default: seeded random weights)")
     parser.add_argument("--batch", type=int, default=8, help="pages per packed encoder batch")
-    parser.add_argument("--max-crops", type=int, default=cfg.GUNDAM_MAX_CROPS, help="Gundam tile budget (vLLM's config: 6)")
+    parser.add_argument("--max-crops", type=int, help="tile budget (default: the mode's: v1 Gundam 9, v2 dynamic 6)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="auto: bfloat16, or float32 on a CPU that only emulates bfloat16 (measured)")
     parser.add_argument("--device", help="the actors' device (default: cuda when an actor has a GPU)")
