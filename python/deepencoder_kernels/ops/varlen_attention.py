@@ -206,17 +206,39 @@ dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICE
 def packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw, max_side: int):
     """Per-sequence rel-pos tables for the kernel, with no host read: each axis's table resized to
     ``2 s - 1`` rows for every side ``s`` in 1..``max_side`` (the reference's interpolation), all
-    concatenated (side ``s`` starts at row ``(s - 1)^2``), cached per (parameter version, max_side);
-    each sequence's first rows computed on the device from ``grid_hw``. The same tables serve any
-    grids up to ``max_side``, so a captured CUDA graph replays with other grids."""
-    def make():
-        return tuple(torch.cat([reference.resize_rel_pos(t.detach(), 2 * s - 1) for s in range(1, max_side + 1)])
-                     for t in (rel_pos_h, rel_pos_w))
-
-    tables_h, tables_w = derived((rel_pos_h, rel_pos_w), ("packed", max_side), make)
+    concatenated (side ``s`` starts at row ``(s - 1)^2``), made at every call from the current
+    weights (see ``_common.derived``) in one gather and lerp (:func:`packed_table`); each
+    sequence's first rows computed on the device from ``grid_hw``. The same tables serve any grids
+    up to ``max_side``, so a captured CUDA graph replays with other grids."""
+    tables_h, tables_w = derived((rel_pos_h, rel_pos_w), ("packed", max_side),
+                                 lambda: (packed_table(rel_pos_h, max_side), packed_table(rel_pos_w, max_side)))
     grid = grid_hw.clamp(1, max_side)   # a side past max_side (unchecked input) must not read past the tables
     table_rows = (grid - 1).square()
     return grid, tables_h, tables_w, table_rows, max_side, max_side
+
+
+def packed_table(table: torch.Tensor, max_side: int) -> torch.Tensor:
+    """``cat([reference.resize_rel_pos(table, 2 s - 1) for s in 1..max_side])`` as one gather and lerp
+    on the table's device: ``F.interpolate``'s linear rule (align_corners=False: source index
+    ``(i + 0.5) * L / n - 0.5`` clamped at 0, fp32, cast back) with indices made from ``arange``
+    (shapes only; no host data, so it also runs while a CUDA graph captures; within 2 ulp of
+    ``F.interpolate``). Sides whose table
+    already has ``2 s - 1`` rows read it exactly (weight 0 on the neighbour)."""
+    L, dev = table.shape[0], table.device
+    k = torch.arange(max_side * max_side, device=dev)
+    side = torch.sqrt(k.to(torch.float32)).floor().long() + 1   # row k belongs to side s when (s-1)^2 <= k < s^2
+    n = 2 * side - 1
+    dst = (k - (side - 1) ** 2).to(torch.float64)
+    scale = torch.full_like(dst, float(L), dtype=torch.float32) / n.to(torch.float32)   # fp32, as the kernel's
+    # scale * (i + 0.5) - 0.5 rounded once, as the compiled kernels' fused multiply-add does (measured:
+    # rounding twice moves a source index across an integer, 1e-5 off; once, within 2 ulp)
+    src = (scale.to(torch.float64) * (dst + 0.5) - 0.5).to(torch.float32).clamp_min(0)
+    i0 = src.floor().long().clamp_max(L - 1)
+    lam = (src - i0.to(torch.float32)).clamp(0, 1)
+    lam = torch.where(n == L, torch.zeros_like(lam), lam)[:, None]   # same size: the table as it is
+    i1 = (i0 + 1).clamp_max(L - 1)
+    t = table.detach().float()
+    return (t[i0] * (1 - lam) + t[i1] * lam).to(table.dtype)
 
 
 def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens=None, rope_cos=None,
