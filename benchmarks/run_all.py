@@ -49,6 +49,7 @@ def run_benchmarks(quick: bool, modes=MODES, dry_run: bool = False) -> None:
         return
     run([py, "bench_saccade_gather.py"])
     run([py, "bench_packed.py"])
+    run([py, "bench_causal_flow.py"] + (["--quick"] if quick else []))   # DeepEncoder V2's attention: skips without CUDA
     if not quick:
         run([py, "bench_compress.py"])
         run([py, "bench_memory.py"])

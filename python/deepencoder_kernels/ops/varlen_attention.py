@@ -48,14 +48,16 @@ def varlen_attention(
         rel_pos_h, rel_pos_w: optional ``[L, d]`` SAM tables; with them, ``grid_hw`` (int32
             ``[num_seqs, 2]``, ``h * w`` = the sequence's length) gives each sequence's grid and
             the decomposed bias ``q.Rh + q.Rw`` (unscaled q) is added after scaling.
-        check_values: check ``cu_seqlens``/``grid_hw`` values (a host read); pass False for
-            sequences your own code built (the kernel handles empty ones either way). Skipped
-            while the current CUDA stream is capturing a graph (the values are the replay's).
+        check_values: check ``cu_seqlens``/``grid_hw``/``prefix_lens`` values (a host read); pass
+            False for sequences your own code built (the kernel handles empty ones either way and
+            clamps prefixes to the length). Skipped while tracing under ``torch.compile`` (so
+            ``fullgraph=True`` holds; the compiled call checks nothing) and while the current CUDA
+            stream is capturing a graph (the values are the replay's).
         allow_empty: accept zero-length sequences in the checks.
         max_side: with a bias, a host int bounding every grid side (``grid_hw`` values), as
             ``max_seqlen`` bounds the lengths: with it nothing is read to the host, so the call
             can be captured in a CUDA graph and replayed with other grids up to that side. None:
-            read ``grid_hw`` to the host for it (eager only).
+            read ``grid_hw`` to the host for it (eager only: an error under torch.compile or capture).
         prefix_lens: int32 ``[num_seqs]`` on q's device: the prefix-LM mask, no mask tensor: rows
             ``i < p`` attend to keys ``j < p``, rows ``i >= p`` to keys ``j <= i`` (p = 0 is causal, p =
             the length is bidirectional). DeepEncoder V2: p = n image tokens, then n causal queries.
@@ -104,9 +106,9 @@ def varlen_attention(
         max_side = 0
     elif max_side is not None:
         max_side = check_int("max_side", max_side, low=1)
-    elif capturing(q.device):
-        raise ValueError("max_side (a host int bounding grid_hw's values) is needed while capturing a CUDA graph: "
-                         "grid_hw cannot be read to the host there")
+    elif capturing(q.device) or torch.compiler.is_compiling():
+        raise ValueError("max_side (a host int bounding grid_hw's values) is needed under torch.compile and while capturing "
+                         "a CUDA graph: grid_hw cannot be read to the host there")
     else:
         max_side = max(1, int(grid_hw.max())) if grid_hw.numel() else 1
     if prefix_lens is not None:
@@ -124,7 +126,7 @@ def varlen_attention(
             if t.shape[0] < max_seqlen:
                 raise ValueError(f"{name} has {t.shape[0]} positions, fewer than max_seqlen={max_seqlen}")
         rope_cos, rope_sin = kernel_layout(rope_cos), kernel_layout(rope_sin)
-    if check_values and not capturing(q.device):
+    if check_values and not capturing(q.device) and not torch.compiler.is_compiling():   # host reads: eager only
         lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen, allow_empty)
         if grid_hw is not None:
             for i, ((h, w), n) in enumerate(zip(grid_hw.tolist(), lengths)):
@@ -152,7 +154,8 @@ def _call_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_
     if rel_pos_h is not None:
         tables_h, tables_w = (torch.cat([reference.resize_rel_pos(t, 2 * s - 1) for s in range(1, max_side + 1)])
                               for t in (rel_pos_h, rel_pos_w))
-    return _varlen_attention_train_op(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend)[0]
+    return _varlen_attention_train_op(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens,
+                                      rope_cos, rope_sin, backend)[0]
 
 
 def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos,
@@ -245,7 +248,15 @@ def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tables = packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw, max_side) if rel_pos_h is not None and grid_hw.shape[0] else None
-    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, tables, interpret=interpret)
+    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, tables, interpret=interpret, prefix_lens=prefix_lens,
+                                rope=_rope(rope_cos, rope_sin))
+
+
+def _rope(rope_cos, rope_sin):
+    """(cos, sin) as the kernels read them (rows of unit stride, no gradient), or None."""
+    if rope_cos is None:
+        return None
+    return tuple(t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (rope_cos, rope_sin))
 
 
 def _fused_accepts(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos,
@@ -255,8 +266,8 @@ def _fused_accepts(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w,
     d = q.shape[-1]
     if d not in FUSED_HEAD_DIMS:
         return f"head_dim {d} not in {FUSED_HEAD_DIMS}"
-    if k.shape[1] != q.shape[1] or prefix_lens is not None or rope_cos is not None:
-        return "grouped-query attention, prefix_lens and RoPE are not in the fused kernel yet"
+    if needs_grad(rope_cos, rope_sin):
+        return "rope_cos / rope_sin require grad: the fused backward gives q, k, v (and rel-pos table) gradients only"
     return None
 
 
@@ -273,24 +284,26 @@ def _train_bias(tables_h, tables_w, grid_hw, max_side):
     return grid, tables_h.detach(), tables_w.detach(), (grid - 1).square(), max_side, max_side
 
 
-def _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, interpret: bool):
+def _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin,
+                 interpret: bool):
     from deepencoder_kernels.kernels.varlen_attention import varlen_attention_fwd
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, _train_bias(tables_h, tables_w, grid_hw, max_side),
-                                interpret=interpret, with_lse=True)
+                                interpret=interpret, with_lse=True, prefix_lens=prefix_lens, rope=_rope(rope_cos, rope_sin))
 
 
 def _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
-                    interpret: bool):
+                    prefix_lens, rope_cos, rope_sin, interpret: bool):
     from deepencoder_kernels.kernels.varlen_attention_backward import varlen_attention_bwd
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = _train_bias(tables_h, tables_w, grid_hw, max_side)
     if bias is None:
-        dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, None, interpret=interpret)
+        dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, None, interpret=interpret,
+                                          prefix_lens=prefix_lens, rope=_rope(rope_cos, rope_sin))
         if tables_h is None:
             return dq, dk, dv, *(q.new_zeros(0, q.shape[-1], dtype=torch.float32) for _ in range(2))
         return dq, dk, dv, torch.zeros_like(tables_h, dtype=torch.float32), torch.zeros_like(tables_w, dtype=torch.float32)
@@ -310,7 +323,7 @@ def _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tabl
             per_side[axis] = total if per_side[axis] is None else per_side[axis] + total
 
     dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias, interpret=interpret,
-                                      reduce_parts=reduce_parts)
+                                      reduce_parts=reduce_parts, prefix_lens=prefix_lens, rope=_rope(rope_cos, rope_sin))
     if per_side[0] is None:   # nothing launched (no tokens)
         return dq, dk, dv, torch.zeros_like(tables_h, dtype=torch.float32), torch.zeros_like(tables_w, dtype=torch.float32)
     packed_row = torch.arange(max_side * max_side, device=q.device)   # side s + 1 starts at row s^2
@@ -340,16 +353,19 @@ def _varlen_attention_train_op(
     tables_w: Optional[torch.Tensor],
     grid_hw: Optional[torch.Tensor],
     max_side: int,
+    prefix_lens: Optional[torch.Tensor],
+    rope_cos: Optional[torch.Tensor],
+    rope_sin: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward for training: ``(out, lse fp32 [total, heads])``; with the bias, ``tables_*``
     are the packed tables (every side 1..max_side, side ``s`` at row ``(s - 1)^2``)."""
-    return _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
-                        interpret=TRITON_INTERPRET[backend])
+    return _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos,
+                        rope_sin, interpret=TRITON_INTERPRET[backend])
 
 
 @_varlen_attention_train_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -368,15 +384,21 @@ def _varlen_attention_backward_op(
     tables_w: Optional[torch.Tensor],
     grid_hw: Optional[torch.Tensor],
     max_side: int,
+    prefix_lens: Optional[torch.Tensor],
+    rope_cos: Optional[torch.Tensor],
+    rope_sin: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, d tables_h fp32, d tables_w fp32)``; the table gradients are ``[0, d]`` without the bias."""
+    """``(dq, dk, dv, d tables_h fp32, d tables_w fp32)``; dk, dv ``[total, kv_heads, d]`` (each kv
+    head's query group summed in the kernel, fixed order); the table gradients are ``[0, d]`` without
+    the bias. RoPE's backward is fused: dq and dk are the gradients of the unrotated q and k."""
     return _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
-                           interpret=TRITON_INTERPRET[backend])
+                           prefix_lens, rope_cos, rope_sin, interpret=TRITON_INTERPRET[backend])
 
 
 @_varlen_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin,
+      backend):
     grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if tables_h is None:
         return (*grads, q.new_empty(0, q.shape[-1], dtype=torch.float32), q.new_empty(0, q.shape[-1], dtype=torch.float32))
@@ -384,22 +406,25 @@ def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw)
+    # O(N) saved state: the inputs, the output and one fp32 logsumexp per (row, head); no scores
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw, prefix_lens, rope_cos, rope_sin)
     ctx.max_seqlen, ctx.scale, ctx.max_side, ctx.backend = max_seqlen, scale, max_side, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw, prefix_lens, rope_cos, rope_sin = ctx.saved_tensors
     dq, dk, dv, dth, dtw = _varlen_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
-                                                         tables_h, tables_w, grid_hw, ctx.max_side, ctx.backend)
+                                                         tables_h, tables_w, grid_hw, ctx.max_side, prefix_lens, rope_cos,
+                                                         rope_sin, ctx.backend)
     if tables_h is None:
         dth = dtw = None
     else:
         dth, dtw = dth.to(tables_h.dtype), dtw.to(tables_w.dtype)
-    return dq, dk, dv, None, None, None, dth, dtw, None, None, None
+    # the RoPE tables get no gradient (the dispatcher refuses the fused backends when they require one)
+    return dq, dk, dv, None, None, None, dth, dtw, None, None, None, None, None, None
 
 
 _varlen_attention_train_op.register_autograd(_backward, setup_context=_setup_context)
