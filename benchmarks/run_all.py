@@ -49,9 +49,11 @@ def run_benchmarks(quick: bool, modes=MODES, dry_run: bool = False) -> None:
         return
     run([py, "bench_saccade_gather.py"])
     run([py, "bench_packed.py"])
+    run([py, "bench_causal_flow.py"] + (["--quick"] if quick else []))   # DeepEncoder V2's attention: skips without CUDA
     if not quick:
         run([py, "bench_compress.py"])
         run([py, "bench_memory.py"])
+        run([py, "bench_pages.py"])         # page reading: CPU only, a few minutes (a fresh process per case)
     if torch.cuda.is_available():
         run([py, "-m", "pytest", "-q", "bench_rel_pos_attention.py",
              f"--benchmark-json={RESULTS / ('rel_pos_attention_' + torch.cuda.get_device_name().replace(' ', '_') + '.json')}"])

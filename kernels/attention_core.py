@@ -47,16 +47,80 @@ def rel_pos_bias_tile(q_rh, q_rw, qy, qx, ky, kx, valid_n, seq_h, seq_w, LP_H: t
 def online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid_n, qk_scale,
                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """Fold one key tile into (acc, running max, running sum); scores in log2 units, fp32."""
+    return softmax_fold(acc, m_i, l_i, q, k, v, bias, valid_n[None, :], qk_scale, HAS_BIAS, True, PRECISION)
+
+
+@triton.jit
+def softmax_fold(acc, m_i, l_i, q, k, v, bias, allowed, qk_scale,
+                 HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`online_softmax_step` with ``allowed`` broadcastable to [BLOCK_M, BLOCK_N] (a column
+    mask, or a per-pair mask on a prefix-LM boundary tile); ``MASKED=False``: a tile every row sees
+    whole (no select at all). Every row must see a key in some tile before its first fully masked
+    one (true for prefix-LM: key 0 is visible to every row), else its running max stays -inf."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
         s = s + bias * 1.4426950408889634  # LOG2E: the bias is added after scaling, in natural units
-    s = tl.where(valid_n[None, :], s, float("-inf"))
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+# ---- GQA, prefix-LM and RoPE pieces (DeepEncoder V2's causal-flow stage) ------------------------
+
+
+@triton.jit
+def prefix_visible(pos, p):
+    """Keys visible to rows at ``pos`` under a prefix-LM mask of prefix ``p``: ``j < max(p, i + 1)``
+    (rows in the prefix see the prefix, later rows every key up to themselves)."""
+    return tl.maximum(p, pos + 1)
+
+
+@triton.jit
+def load_rows(ptr, rows, stride_t, pos, valid, d, cos_ptr, sin_ptr, stride_cos, stride_sin,
+              HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """``[len(rows), HEAD_DIM]`` of one head (``ptr`` at the head's first channel; masked rows 0),
+    with RoPE applied on load when ``HAS_ROPE``: ``x cos + rotate_half(x) sin`` at positions ``pos``
+    (rotate-half = ``[-x2, x1]``, read as a second load at the swapped channels, an L1 hit). The
+    tables are cast to x's dtype first and the result rounded to it once, as the tensor-core
+    operand; transformers rounds each of its three steps in that dtype."""
+    x = tl.load(ptr + rows[:, None] * stride_t + d[None, :], mask=valid[:, None], other=0.0)
+    if HAS_ROPE:
+        half: tl.constexpr = HEAD_DIM // 2
+        swapped = tl.where(d < half, d + half, d - half)
+        x_swap = tl.load(ptr + rows[:, None] * stride_t + swapped[None, :], mask=valid[:, None], other=0.0)
+        cos = tl.load(cos_ptr + pos[:, None] * stride_cos + d[None, :], mask=valid[:, None], other=0.0)
+        sin = tl.load(sin_ptr + pos[:, None] * stride_sin + d[None, :], mask=valid[:, None], other=0.0)
+        cos = cos.to(x.dtype).to(tl.float32)
+        sin = sin.to(x.dtype).to(tl.float32)
+        sign = tl.where(d < half, -1.0, 1.0)
+        x = (x.to(tl.float32) * cos + x_swap.to(tl.float32) * sign[None, :] * sin).to(x.dtype)
+    return x
+
+
+@triton.jit
+def rotate_half_tile(x, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``[-x2, x1]`` of a register tile ``[ROWS, HEAD_DIM]`` (halves x1, x2), by reshape/split/join."""
+    x3 = tl.permute(tl.reshape(x, [ROWS, 2, HEAD_DIM // 2]), [0, 2, 1])   # [ROWS, d/2, 2]: (x1, x2) pairs
+    x1, x2 = tl.split(x3)
+    return tl.reshape(tl.permute(tl.join(-x2, x1), [0, 2, 1]), [ROWS, HEAD_DIM])
+
+
+@triton.jit
+def rope_backward(g, pos, valid, d, cos_ptr, sin_ptr, stride_cos, stride_sin, dtype,
+                  ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The gradient through ``x cos + rotate_half(x) sin`` (fp32 ``g`` of the rotated rows):
+    ``g cos + rotate_half^T(g sin)``, with ``rotate_half^T = -rotate_half``; tables cast to the
+    activations' ``dtype`` as in the forward."""
+    cos = tl.load(cos_ptr + pos[:, None] * stride_cos + d[None, :], mask=valid[:, None], other=0.0)
+    sin = tl.load(sin_ptr + pos[:, None] * stride_sin + d[None, :], mask=valid[:, None], other=0.0)
+    cos = cos.to(dtype).to(tl.float32)
+    sin = sin.to(dtype).to(tl.float32)
+    return g * cos - rotate_half_tile(g * sin, ROWS, HEAD_DIM)
 
 
 # ---- backward pieces (FA2-style: P recomputed from the saved row logsumexp) ---------------------
@@ -66,11 +130,20 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, bias, valid_n, qk_scale,
 def recompute_probs(q, k, bias, valid_n, lse2, qk_scale, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """P of one key tile from the forward's logsumexp (``lse2`` in log2 units). Dead rows carry
     ``lse2 = +inf`` and dead columns are masked, so both come out 0."""
+    return recompute_probs_masked(q, k, bias, valid_n[None, :], lse2, qk_scale, HAS_BIAS, True, PRECISION)
+
+
+@triton.jit
+def recompute_probs_masked(q, k, bias, allowed, lse2, qk_scale, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """:func:`recompute_probs` with ``allowed`` broadcastable to the tile (``MASKED=False``: no select)."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
         s = s + bias * 1.4426950408889634  # LOG2E
     p = tl.exp2(s - lse2[:, None])
-    return tl.where(valid_n[None, :], p, 0.0)
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
+    return p
 
 
 @triton.jit

@@ -62,15 +62,22 @@ def rel_pos_attention_bwd_config(window_size: int, seq_h: int, seq_w: int) -> tu
 
 # Packed varlen attention. Without a bias (CLIP: 65..401 tokens, d = 64) the q tile is 64 rows so
 # short sequences still fill the GPU; with SAM's rel-pos bias the on-chip q.R tables set the size
-# as in the SAM kernel's global config.
+# as in the SAM kernel's global config. "prefix": DeepEncoder V2's causal-flow stage (prefix-LM
+# mask, GQA 14/2, RoPE on load, d = 64, sequences of 288 and 512 tokens).
 VARLEN_ATTENTION = {
     "plain": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "rel_pos": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+    "prefix": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),   # 64 x 64 spills on sm_80 (RoPE'd k tiles in fp32)
 }
 
 
-def varlen_attention_config(has_bias: bool, max_side_h: int, max_side_w: int, device=None) -> dict:
-    entry = "rel_pos" if has_bias else "plain"
+def varlen_entry(has_bias: bool, prefix: bool) -> str:
+    """The configs entry of a varlen launch: the rel-pos tables set the tile when present."""
+    return "rel_pos" if has_bias else "prefix" if prefix else "plain"
+
+
+def varlen_attention_config(has_bias: bool, max_side_h: int, max_side_w: int, device=None, prefix: bool = False) -> dict:
+    entry = varlen_entry(has_bias, prefix)
     cfg = _chosen("varlen_attention", entry, tuning_key("varlen_attention", entry, *((max_side_h, max_side_w) if has_bias else ())), device)
     cfg["LP_H"] = max(16, next_pow2(2 * max_side_h - 1))
     cfg["LP_W"] = max(16, next_pow2(2 * max_side_w - 1))
@@ -88,13 +95,18 @@ VARLEN_ATTENTION_BWD = {
     # spill there); the 32-row tile is kept below, where 16 rows spilled on Triton 3.6 (sm_90a)
     "rel_pos_lp256": (dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
                       dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
+    # causal-flow (prefix-LM, GQA, RoPE on load): the dkv programs loop over their kv head's query
+    # group (7 heads in V2); 64-key dkv tiles spill (RoPE'd q tiles in fp32), 8 warps keep 32 at
+    # ~180 registers
+    "prefix": (dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+               dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
 }
 
 
-def varlen_attention_bwd_config(has_bias: bool, max_side_h: int, max_side_w: int) -> tuple[dict, dict]:
+def varlen_attention_bwd_config(has_bias: bool, max_side_h: int, max_side_w: int, prefix: bool = False) -> tuple[dict, dict]:
     """(dq kernel config, dkv kernel config)."""
     lp = dict(LP_H=max(16, next_pow2(2 * max_side_h - 1)), LP_W=max(16, next_pow2(2 * max_side_w - 1)))
-    name = "plain" if not has_bias else "rel_pos" if max(lp.values()) <= 128 else "rel_pos_lp256"
+    name = ("prefix" if prefix else "plain") if not has_bias else "rel_pos" if max(lp.values()) <= 128 else "rel_pos_lp256"
     dq, dkv = VARLEN_ATTENTION_BWD[name]
     lk = dict(LK_H=max(16, next_pow2(max_side_h)), LK_W=max(16, next_pow2(max_side_w)))
     return {**dq, **lp, **lk}, {**dkv, **lp}
@@ -170,6 +182,13 @@ CANDIDATES = {
                   dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
                   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
         "rel_pos": [VARLEN_ATTENTION["rel_pos"]],   # the others tried spill somewhere (Large's 256-row tables)
+        # causal-flow (L = 288 / 512): smaller q tiles skip more of the masked keys and give more
+        # programs per view; larger ones reuse each K/V tile (and its RoPE) for more rows
+        "prefix": [VARLEN_ATTENTION["prefix"],
+                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                   dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+                   dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+                   dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)],
     },
     # the LayerNorm steps hold 256 output channels per tile: most other tilings spill (static report)
     "compress": {

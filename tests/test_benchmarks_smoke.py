@@ -3,6 +3,7 @@ that code no GPU has executed yet is at least known to run. No figures are produ
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 import deepencoder_kernels as dk
@@ -44,6 +45,28 @@ def test_end_to_end_benchmark_gpu_paths():
     assert "rel_pos_attention reference" in rows[1]["backends"]
     rows = bench_end_to_end.rows(ONE_CALL, enc=small_encoder_v2(), modes=("base",), model="v2", fused="reference")
     assert [(r["model"], r["mode"], r["views"], r["tokens"]) for r in rows] == [("v2", "base", 1, 257)] * 2
+
+
+def test_causal_flow_benchmark_gpu_paths():
+    """Every implementation of the causal-flow benchmark runs and computes the same attention as the
+    package (tiny views: 2 query heads per kv head, d = 16; FlexAttention eager on the CPU)."""
+    import bench_causal_flow as b
+
+    p = b.problem([3, 5, 3], heads=4, kv_heads=2, d=16, device="cpu", dtype=torch.float32)
+    rows = b.workload_rows("smoke", p, ONE_CALL)
+    ran = {r["impl"]: r for r in rows if "skipped" not in r}
+    assert set(b.IMPLS) - set(ran) <= {"two flash-attn varlen calls", "transformers deepseek_ocr2 (SDPA + block mask)"}
+    for impl, r in ran.items():
+        assert r["max_abs_diff_vs_package"] < 1e-5, (impl, r)
+    assert b.main([]) == 0   # no CUDA here: skips, says why, writes nothing
+
+
+def test_causal_flow_deepseek_mask_is_the_prefix_lm_mask():
+    import bench_causal_flow as b
+    from deepencoder_kernels import reference
+
+    allowed = reference.prefix_lm_allowed(8, 8, torch.tensor([4]))
+    assert torch.equal(b.deepseek_mask(4, 2, torch.float32, "cpu"), reference.additive_mask(allowed, torch.float32).expand(2, 1, 8, 8))
 
 
 def test_cpu_benchmark_paths():

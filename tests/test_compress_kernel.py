@@ -15,6 +15,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 FULL = (768, 256, 512, 1024)   # DeepEncoder's channels: trunk, neck, net_2, net_3
+FULL_V2 = (768, 256, 512, 896)   # DeepEncoder V2's: net_3 goes to 896
 
 
 def make_args(B, H, W, cin, cn, c2, c3, dtype, nan_margin=False, device="cpu"):
@@ -45,7 +46,9 @@ def check(args, dtype, msg=""):
     (2, 40, (48, 16, 32, 64)),    # Small and Gundam tiles (640 px): 40 -> 20 -> 10, batch 2
     (1, 64, (48, 16, 32, 64)),    # Base (1024 px): 64 -> 32 -> 16
     (1, 80, (48, 16, 32, 64)),    # Large (1280 px): 80 -> 40 -> 20
-], [(B, side, FULL) for side in (32, 40, 64, 80) for B in (1, 8)], ids=lambda c: f"B{c[0]}-{c[1]}-C{c[2][0]}"))
+    (1, 48, (48, 16, 32, 56)),    # V2's 768 px tiles: 48 -> 24 -> 12 (net_3 to 7/8 of net_2 x 2, as 896 / 1024)
+], [(B, side, FULL) for side in (32, 40, 64, 80) for B in (1, 8)] + [(B, side, FULL_V2) for side in (48, 64) for B in (1, 6)],
+    ids=lambda c: f"B{c[0]}-{c[1]}-C{c[2][0]}-{c[2][3]}"))
 def test_every_mode_grid(device, B, side, channels, dtype):
     check(make_args(B, side, side, *channels, dtype, nan_margin=True, device=device), dtype, f"B={B} side={side}")
 
@@ -62,6 +65,12 @@ def test_full_channel_counts_tiny_grid():
     """768 -> 256 -> 256 -> 512 -> 1024 as DeepEncoder has them, on Tiny's 32 x 32 grid, bf16 (on CUDA:
     every grid, every dtype, in test_every_mode_grid)."""
     check(make_args(1, 32, 32, *FULL, torch.bfloat16), torch.bfloat16, "full size")
+
+
+def test_full_channel_counts_v2():
+    """DeepEncoder V2's 768 -> 256 -> 256 -> 512 -> 896 on a 16 x 16 grid, bf16 (on CUDA: its 768 and
+    1024 px grids, in test_every_mode_grid)."""
+    check(make_args(1, 16, 16, *FULL_V2, torch.bfloat16), torch.bfloat16, "full size, V2")
 
 
 EDGE_DEVICES = by_device([()], [()], ids=lambda c: "edge")   # edge cases: the same small shapes on both

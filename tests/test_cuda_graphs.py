@@ -132,6 +132,53 @@ def test_varlen_attention_rel_pos_other_grids_on_replay(dtype):
                                                      check_values=False, max_side=64), [qkv], refill, dtype)
 
 
+def causal_flow_inputs(ns, dtype, grad=False):
+    """DeepEncoder V2's causal-flow attention inputs at the real shapes: views [n image tokens; n
+    queries], 14 query heads, 2 kv heads, d 64, RoPE tables, prefix_lens = n."""
+    from deepencoder_kernels.reference import rope_tables
+
+    lengths = [2 * n for n in ns]
+    total = sum(lengths)
+    q = (torch.randn(total, 14, 64, device="cuda") * 0.5).to(dtype).requires_grad_(grad)
+    k, v = ((torch.randn(total, 2, 64, device="cuda") * 0.5).to(dtype).requires_grad_(grad) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    prefix = torch.tensor(ns, dtype=torch.int32, device="cuda")
+    cos, sin = rope_tables(512, 64, 1e6, dtype, "cuda")
+    return q, k, v, cu, prefix, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_varlen_attention_prefix_gqa_rope_other_views_on_replay(dtype):
+    """A 6-tile page (6 x 288 + 512); the replay runs another page layout of the same token budget and
+    bound (other lengths and prefixes)."""
+    ns, other = [144] * 6 + [256], [256, 144, 144, 144, 144, 144, 144]
+    q, k, v, cu, prefix, cos, sin = causal_flow_inputs(ns, dtype)
+    new_cu = torch.tensor([0, *torch.tensor([2 * n for n in other]).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    new_prefix = torch.tensor(other, dtype=torch.int32, device="cuda")
+
+    def refill():
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t) * 0.5)
+        cu.copy_(new_cu)
+        prefix.copy_(new_prefix)
+
+    replay_equals_eager(lambda: ops.varlen_attention(q, k, v, cu, 512, prefix_lens=prefix, rope_cos=cos, rope_sin=sin),
+                        [q, k, v], refill, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_varlen_attention_prefix_gqa_rope_training_step(dtype):
+    q, k, v, cu, prefix, cos, sin = causal_flow_inputs([144, 144, 256], dtype, grad=True)
+    step = training_step(lambda: ops.varlen_attention(q, k, v, cu, 512, prefix_lens=prefix, rope_cos=cos, rope_sin=sin,
+                                                      check_values=False), [q, k, v])
+
+    def refill():
+        for t in (q, k, v):
+            t.data.copy_(torch.randn_like(t) * 0.5)
+
+    replay_equals_eager(step, [q, k, v], refill, dtype, grad=True)
+
+
 def test_varlen_without_max_side_is_refused_while_capturing():
     q = torch.randn(16, 2, 32, device="cuda")
     cu = torch.tensor([0, 16], dtype=torch.int32, device="cuda")

@@ -48,8 +48,8 @@ def test_pages_are_read_lazily_and_at_most_batch_are_held(monkeypatch):
             produced.append(i)
             yield f"p{i}", render_document_page(320 + 64 * i, 480, seed=i)
 
-    def tracking_preprocess(page, mode, max_crops):
-        views = real_preprocess(page, mode, max_crops)
+    def tracking_preprocess(page, mode, max_crops, model, **read):
+        views = real_preprocess(page, mode, max_crops, model, **read)
         alive.append(weakref.ref(views))
         return views
 
@@ -141,11 +141,16 @@ def test_bad_inputs(tmp_path):
     enc = small_encoder()
     with pytest.raises(FileNotFoundError, match="paths: no such file"):
         E.list_pages([tmp_path / "nope.png"])
-    (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(ValueError, match="neither an image"):
-        E.list_pages([tmp_path / "a.txt"])
+    (tmp_path / "a.txt").write_text("x")          # named explicitly: read, and failing as a page
+    assert [(r.page_id, r.error) for r in E.list_pages([tmp_path / "a.txt"])] == [
+        (str(tmp_path / "a.txt"), "is not an image or a PDF (PIL cannot identify it; it starts with b'x')")]
     with pytest.raises(ValueError, match="mode must be one of"):
         list(E.encode_pages(enc, iter([]), "huge"))
+    with pytest.raises(ValueError, match="alpha must be one of"):
+        list(E.encode_pages(enc, iter([]), "tiny", alpha="grey"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="paths: no pages to encode"):
+        E.encode_files(enc, [tmp_path / "empty"], tmp_path / "o.safetensors", progress=False)
 
 
 def test_token_writer_is_valid_safetensors(tmp_path):
@@ -192,3 +197,146 @@ def test_progress_bar_goes_to_its_stream():
     bar.update()
     bar.close()
     assert "3/3 pages" in stream.getvalue() and "|" + "#" * 30 + "|" in stream.getvalue()   # ... but the end is always shown
+
+
+# ---- isolation: one bad page never costs the others ----------------------------------------------
+
+
+def _mixed_folder(folder):
+    """Good pages and broken files, named so that their order interleaves."""
+    from synthetic_pages import make_pdf, text_page, text_pdf
+
+    folder.mkdir()
+    text_page(300, 380, seed=1).save(folder / "a.png")
+    (folder / "b_locked.pdf").write_bytes(text_pdf(2, width=200, height=260, password="s3cret"))
+    frames = [text_page(260, 340, seed=s) for s in range(3)]
+    frames[0].save(folder / "c.tif", save_all=True, append_images=frames[1:])
+    text_page(320, 400, seed=4).convert("RGB").save(folder / "d_cut.jpg", quality=90)
+    data = (folder / "d_cut.jpg").read_bytes()
+    (folder / "d_cut.jpg").write_bytes(data[:len(data) // 2])
+    (folder / "e.pdf").write_bytes(text_pdf(2, width=200, height=260))
+    (folder / "f_empty.pdf").write_bytes(make_pdf([(200, 260, ["x"])], kids=False))
+    text_page(280, 300, seed=6).save(folder / "g.png")
+    f = str(folder)
+    good = [f"{f}/a.png", f"{f}/c.tif#page=1", f"{f}/c.tif#page=2", f"{f}/c.tif#page=3", f"{f}/e.pdf#page=1",
+            f"{f}/e.pdf#page=2", f"{f}/g.png"]
+    failed = {f"{f}/b_locked.pdf": f"{f}/b_locked.pdf is password-protected: give its password with --password",
+              f"{f}/d_cut.jpg": f"{f}/d_cut.jpg is truncated at byte {len(data) // 2}",
+              f"{f}/f_empty.pdf": f"{f}/f_empty.pdf has no pages"}
+    return good, failed
+
+
+def test_one_bad_page_never_costs_the_others(tmp_path):
+    import io
+
+    enc = small_encoder()
+    good, failed = _mixed_folder(tmp_path / "in")
+    out = tmp_path / "out" / "tokens.safetensors"
+    stream = io.StringIO()
+    summary = E.encode_files(enc, [tmp_path / "in"], out, "tiny", batch=3, progress=False, stream=stream)
+    tokens, meta = E.load_tokens(out)
+    assert list(tokens) == good == json.loads(meta["page_ids"])
+    assert json.loads(meta["failed_page_ids"]) == list(failed) == [page_id for page_id, _ in summary["failed"]]
+    assert (summary["pages"], summary["encoded"]) == (10, 7)
+    for (page_id, error), want in zip(summary["failed"], failed.values()):
+        assert error.startswith(want), error
+    lines = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert lines == [{"page_id": p, "error": e} for p, e in summary["failed"]] and summary["errors"] == str(tmp_path / "out" / "errors.jsonl")
+    assert stream.getvalue().splitlines() == [f"page {p} failed: {e}" for p, e in summary["failed"]]
+    for page_id in (good[2], good[5]):          # a TIFF frame, a PDF page: the tokens of that page alone
+        torch.testing.assert_close(tokens[page_id], enc.encode(page_id, "tiny")[0], atol=2e-5, rtol=2e-5)
+    # a clean run rewrites errors.jsonl empty
+    E.encode_files(enc, [tmp_path / "in" / "a.png"], out, "tiny", progress=False, stream=stream)
+    assert (tmp_path / "out" / "errors.jsonl").read_text() == ""
+
+
+def test_encode_pages_reports_each_failed_page(monkeypatch, tmp_path):
+    from deepencoder_kernels.pages import PageError
+
+    enc = small_encoder()
+    good, failed = _mixed_folder(tmp_path / "in")
+    refs = E.list_pages([tmp_path / "in"])
+    # without on_error the first failure is raised, naming its file
+    with pytest.raises(PageError, match="b_locked.pdf is password-protected"):
+        list(E.encode_pages(enc, ((r.page_id, p) for r, p in E.iter_pages(refs)), "tiny", batch=4))
+    # a batch the encoder fails on is re-encoded page by page: only the page at fault fails
+    real = enc.encode_views_packed
+
+    def fails_on_blank(views):
+        if any(v.global_view.min() == v.global_view.max() for v in views):
+            raise RuntimeError("encoder fault")
+        return real(views)
+
+    blank = Image.new("L", (300, 300), 255)
+    monkeypatch.setattr(enc, "encode_views_packed", fails_on_blank)
+    errors = []
+    pages = [("ok1", render_document_page(300, 300, seed=1)), ("blank", blank), ("ok2", render_document_page(320, 300, seed=2))]
+    out = list(E.encode_pages(enc, iter(pages), "tiny", batch=3, on_error=lambda i, e: errors.append((i, str(e)))))
+    assert [i for i, _ in out] == ["ok1", "ok2"] and errors == [("blank", "encoder fault")]
+
+
+def _cli(args, enc, monkeypatch, capsys):
+    from deepencoder_kernels import cli
+    import deepencoder_kernels.profiler as prof
+
+    monkeypatch.setattr(prof, "random_encoder", lambda dtype=torch.float32, device="cpu", seed=0, model=None: enc.to(dtype))
+    code = cli.main(["encode", *map(str, args), "--mode", "tiny", "--dtype", "float32", "--quiet"])
+    return code, capsys.readouterr()
+
+
+def test_cli_exit_status_says_whether_a_page_failed(tmp_path, monkeypatch, capsys):
+    enc = small_encoder()
+    good, failed = _mixed_folder(tmp_path / "in")
+    code, io_ = _cli([tmp_path / "in", "--out", tmp_path / "o.safetensors"], enc, monkeypatch, capsys)
+    assert code == 1 and f"7/10 pages" in io_.out and f"3 pages failed, listed in {tmp_path / 'errors.jsonl'}" in io_.out
+    assert all(message in io_.err for message in failed.values())
+    assert list(E.load_tokens(tmp_path / "o.safetensors")[0]) == good
+    # the password opens the locked PDF; the file named twice is read once
+    monkeypatch.chdir(tmp_path)
+    code, io_ = _cli(["in/b_locked.pdf", "in/a.png", "./in/a.png", "--password", "s3cret", "--out", "p.safetensors"],
+                     enc, monkeypatch, capsys)
+    assert code == 0 and "3/3 pages" in io_.out
+    assert list(E.load_tokens(tmp_path / "p.safetensors")[0]) == ["in/b_locked.pdf#page=1", "in/b_locked.pdf#page=2", "in/a.png"]
+    code, io_ = _cli(["in/nope.png", "--out", "q.safetensors"], enc, monkeypatch, capsys)
+    assert code == 2 and "error: paths: no such file or folder: in/nope.png" in io_.err and not (tmp_path / "q.safetensors").exists()
+
+
+def test_encode_files_v2_dynamic_pages(tmp_path):
+    """DeepEncoder V2 through the same page pipeline: dynamic tiles of 768 + the 1024 view (257 + 144 k
+    tokens per page), equal to ``enc.encode`` page by page, the model recorded in the file."""
+    from conftest import small_encoder_v2
+
+    enc = small_encoder_v2()
+    paths = []
+    for i, size in enumerate([(700, 500), (1536, 768)]):
+        paths.append(tmp_path / f"v2-{i}.png")
+        Image.effect_mandelbrot(size, (-2.0 + 0.3 * i, -1.2, 1.0, 1.2), 60).convert("RGB").save(paths[-1])
+    out = tmp_path / "v2.safetensors"
+    summary = E.encode_files(enc, paths, out, "dynamic", batch=2, progress=False)
+    tokens, meta = E.load_tokens(out)
+    assert meta["model"] == "v2" and meta["mode"] == "dynamic" and meta["max_crops"] == "6"
+    assert [t.shape[0] for t in tokens.values()] == [257, 545] and summary["encoded"] == 2
+    for p in paths:
+        torch.testing.assert_close(tokens[str(p)], enc.encode(p, "dynamic")[0], atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"mode must be one of \['base', 'dynamic'\] for model v2, got 'gundam'"):
+        E.encode_files(enc, paths, tmp_path / "x.safetensors", "gundam", progress=False)
+
+
+def test_cli_encode_v2(tmp_path, capsys):
+    from deepencoder_kernels import cli
+    import deepencoder_kernels.profiler as prof
+    from conftest import small_encoder_v2
+
+    paths = _images(tmp_path, 1)
+    enc, original, asked = small_encoder_v2(), prof.random_encoder, []
+    prof.random_encoder = lambda dtype=torch.float32, device="cpu", seed=0, model=None: asked.append(model) or enc.to(dtype)
+    try:
+        assert cli.main(["encode", str(paths[0]), "--model", "v2", "--out", str(tmp_path / "o.safetensors"),
+                         "--dtype", "float32", "--quiet"]) == 0
+    finally:
+        prof.random_encoder = original
+    assert asked == ["v2"] and "(v2 dynamic, float32)" in capsys.readouterr().out
+    tokens, meta = E.load_tokens(tmp_path / "o.safetensors")
+    assert meta["model"] == "v2" and [t.shape for t in tokens.values()] == [(1121, 24)]   # 900 x 700 (1.29): 3 x 2 tiles
+    with pytest.raises(SystemExit):
+        cli.main(["encode", str(paths[0]), "--model", "v2", "--mode", "tiny", "--out", str(tmp_path / "x.safetensors")])

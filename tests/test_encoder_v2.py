@@ -255,3 +255,20 @@ def test_load_checkpoint_lists_missing_and_mis_shaped(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit DeepEncoderV2:\n  1 missing keys: qwen2_model.query_768.weight\n"
                                          r"  1 mis-shaped keys: sam_model.net_3.weight: checkpoint \[1024, 16, 3, 3\]"):
         small_encoder_v2().load_checkpoint(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("call", ["encode", "encode_batch"])
+def test_a_bad_page_never_costs_the_others(tmp_path, call):
+    """``on_error`` gets the index and an error naming the file; the other pages are encoded, the bad
+    one's slot is None. Without ``on_error`` the named error is raised."""
+    enc = small_encoder_v2()
+    good = tmp_path / "good.png"
+    _page((700, 500)).save(good)
+    bad = tmp_path / "cut.png"
+    bad.write_bytes(good.read_bytes()[:200])
+    errors = []
+    out = getattr(enc, call)([good, bad, good], "base", on_error=lambda i, e: errors.append((i, str(e))))
+    assert [None if t is None else t.shape[0] for t in out] == [257, None, 257]
+    assert [i for i, _ in errors] == [1] and str(bad) in errors[0][1]
+    with pytest.raises(Exception, match="cut.png"):
+        getattr(enc, call)([good, bad], "base")

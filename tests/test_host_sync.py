@@ -208,6 +208,32 @@ def test_varlen_attention_backward_with_rel_pos():
                                                        grid_hw=grid_hw, check_values=False, max_side=5), [qkv, *tables])
 
 
+def prefix_gqa_rope_inputs():
+    """DeepEncoder V2's call in small: two views [n image tokens; n queries] (n = 5, 9), GQA 4/2, RoPE."""
+    from deepencoder_kernels.reference import rope_tables
+
+    lengths = [10, 18]
+    q = torch.randn(sum(lengths), 4, 16)
+    k, v = torch.randn(2, sum(lengths), 2, 16).unbind(0)
+    cos, sin = rope_tables(18, 16, 1e6, torch.float32)
+    extra = dict(prefix_lens=torch.tensor([5, 9], dtype=torch.int32), rope_cos=cos, rope_sin=sin, check_values=False)
+    return (q, k, v, cu_of(lengths), 18), extra
+
+
+def test_varlen_attention_prefix_gqa_rope():
+    args, extra = prefix_gqa_rope_inputs()
+    got, want = forward_without_sync(ops.varlen_attention, *args, **extra)
+    assert torch.equal(got, want)
+    assert dk.last_backends()["varlen_attention"].backend == "triton-interpret"
+
+
+def test_varlen_attention_backward_prefix_gqa_rope():
+    (q, k, v, cu, max_seqlen), extra = prefix_gqa_rope_inputs()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dk.clear_last_backends()
+    backward_without_sync(lambda: ops.varlen_attention(q, k, v, cu, max_seqlen, **extra), [q, k, v])
+
+
 def test_compress_backward():
     x = torch.randn(1, 7, 9, 24, requires_grad=True)
     ws = [torch.randn(16, 24, 1, 1), torch.ones(16), torch.zeros(16), torch.randn(16, 16, 3, 3), torch.ones(16),

@@ -89,3 +89,27 @@ def test_exif_rotated_jpeg_path_is_transposed(tmp_path):
         assert not torch.equal(from_path, dk.preprocess(decoded, mode).global_view)   # sideways otherwise
     # a PIL image is taken as given (upstream's processors do not transpose what they are handed)
     assert load_image(Image.open(path)).size == (96, 64)
+
+
+@pytest.mark.parametrize("model,mode", [("v1", m) for m in ("tiny", "small", "base", "large", "gundam")]
+                         + [("v2", m) for m in ("base", "dynamic")])
+def test_view_sizes_are_the_sizes_preprocess_resizes_to(model, mode, monkeypatch):
+    """load_image decodes huge pages no smaller than view_sizes says: it must match the resizes
+    preprocess applies to the page itself (not those of a view resized again, v2 base's 768 -> 1024)."""
+    from deepencoder_kernels.preprocess import view_sizes
+
+    sizes, page = [], []
+    real_resize = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        if self.size == page[0] and tuple(size) != self.size:      # a resize of the page (not a copy)
+            sizes.append(tuple(size))
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    for size in [(300, 200), (641, 640), (769, 700), (1301, 977), (977, 1301), (1600, 200), (200, 3000), (1024, 1024),
+                 (5000, 4999)]:
+        sizes.clear()
+        page[:] = [size]
+        dk.preprocess(Image.new("L", size, 255), mode, model=model)
+        assert sizes == [s for s in view_sizes(mode, *size, model=model) if s != size], size

@@ -15,7 +15,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Real shapes: every mode's trunk grid (Tiny 32, Small / Gundam tiles 40, Base 64, Large 80), 12 heads
 # of 64, windowed (14, tables of 27 rows) and global (tables of 127 rows, resized per grid), batch 1 and 8.
-REAL_GRIDS = [32, 40, 64, 80]
+REAL_GRIDS = [32, 40, 48, 64, 80]   # v1 Tiny, Small / Gundam tiles, V2 768 px tiles, Base, Large
 
 
 def make_inputs(B, H, W, heads, d, window, dtype, table_rows=None, nan_margin=False, device="cpu"):

@@ -334,15 +334,13 @@ def test_auto_picks_it_on_cpu_and_it_beats_upstream():
     assert not dispatch.faster_than_upstream("rel_pos_attention", "meta", torch.float32)
     with dk.backend("reference"):
         assert not dispatch.faster_than_upstream("rel_pos_attention", cpu, torch.float32)
-    # varlen decides per call: upstream CLIP's equal lengths run the same single SDPA call as upstream's
-    q = torch.randn(8, 2, 16)
-    plain = (q, q, q, cu_of([4, 4]), 4, None, None, None, None, 0, None, None, None)
-    mixed = (q, q, q, cu_of([3, 5]), 5, None, None, None, None, 0, None, None, None)
-    prefix = (q, q, q, cu_of([4, 4]), 4, None, None, None, None, 0, torch.tensor([2, 2], dtype=torch.int32), None, None)
-    assert not dispatch.faster_than_upstream("varlen_attention", cpu, torch.float32)   # no args: no claim
-    assert not dispatch.faster_than_upstream("varlen_attention", cpu, torch.float32, plain)
-    assert dispatch.faster_than_upstream("varlen_attention", cpu, torch.float32, mixed)
-    assert dispatch.faster_than_upstream("varlen_attention", cpu, torch.float32, prefix)
+    assert dispatch.faster_than_upstream("varlen_attention", cpu, torch.bfloat16)
+    # the flag: every backend but the reference unless declared; a bool or (device, dtype) -> bool
+    make = lambda name, **kw: dispatch.Backend(name, lambda: None, ("cpu",), (torch.float32,), **kw)  # noqa: E731
+    assert not make("reference").beats_upstream(cpu, torch.float32) and make("triton").beats_upstream(cpu, torch.float32)
+    assert not make("cpp", faster_than_upstream=False).beats_upstream(cpu, torch.float32)
+    only_fp32 = make("cpp", faster_than_upstream=lambda device, dtype: dtype == torch.float32)
+    assert only_fp32.beats_upstream(cpu, torch.float32) and not only_fp32.beats_upstream(cpu, torch.bfloat16)
     assert BACKEND in dispatch.KINDS and dispatch.AUTO_ORDER["cpu"].index(BACKEND) < dispatch.AUTO_ORDER["cpu"].index("reference")
 
 

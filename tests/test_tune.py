@@ -148,3 +148,13 @@ def test_qr_per_key_tile_variant_matches_reference(side, window, block_m, block_
             assert dk.last_backends()["rel_pos_attention"].backend == "triton-interpret"
     f = lambda t: None if t is None else t.float()  # noqa: E731
     assert_close(out, reference.rel_pos_attention(f(qkv), f(th), f(tw), heads, window, f(pad)), dtype)
+
+
+def test_causal_flow_candidates_are_checked_then_timed():
+    """V2's causal-flow key (prefix-LM + GQA + RoPE): every candidate matches the reference in the
+    interpreter (reduced shapes) and is timed."""
+    s = _setup()
+    case = next(c for c in tune.cases(s, quick=True) if c.kernel == "varlen_attention" and c.entry == "prefix")
+    results = tune.tune_case(s, case, log=lambda *_: None)
+    assert len(results) == len(configs.CANDIDATES["varlen_attention"]["prefix"])
+    assert all(r.median_ms is not None and not r.skipped for r in results), results

@@ -133,7 +133,8 @@ def test_opcheck():
     qkv, cu, bias = make_inputs([4, 2], 1, 16, torch.float32, grids=[(2, 2), (1, 2)])
     q, k, v = (t.requires_grad_() for t in qkv.clone().unbind(1))
     tables = [torch.cat([ref.resize_rel_pos(bias[n], 2 * s - 1) for s in (1, 2)]).requires_grad_() for n in ("rel_pos_h", "rel_pos_w")]
-    torch.library.opcheck(mod._varlen_attention_train_op, (q, k, v, cu, 4, None, *tables, bias["grid_hw"], 2, "triton-interpret"),
+    torch.library.opcheck(mod._varlen_attention_train_op, (q, k, v, cu, 4, None, *tables, bias["grid_hw"], 2, None, None, None,
+                                                         "triton-interpret"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 import deepencoder_kernels as dk
 from conftest import assert_close
+import hf_models as hf
 import vllm_standins as vs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_vllm_layout_single_rank_matches_and_keeps_contracts(device, backends, d
 
     report = accelerate_towers(model)
     assert (report.count("sam block"), report.count("sam encoder"), report.count("clip attention")) == (3, 1, 2)
-    assert not any(p.startswith("language_model") for p, _ in report.patched)   # the LM's look-alike stays
+    assert not any(p.path.startswith("language_model") for p in report.patched)   # the LM's look-alike stays
     assert "forward" not in model.language_model.attn.__dict__
     attn = model.vision_model.transformer.layers[0].self_attn
     with torch.no_grad(), dk.backend(backends[0]):
@@ -66,7 +67,7 @@ def test_patched_forwards_read_nothing_back_to_the_host():
 
     model = loaded_model().to("meta")
     assert len(accelerate_towers(model).patched) == 6
-    with torch.no_grad():
+    with torch.no_grad(), dk.backend("reference"):   # the patched path (under 'auto' the meta device has no faster one)
         out = model._encode_global_features(PIXELS.to("meta"))
     assert out.shape == (2, 4, 24) and out.device.type == "meta"
     probe = torch.zeros(2, device="meta")
@@ -88,6 +89,63 @@ def test_clip_attention_whose_returns_cannot_be_read_is_left_alone():
     attn.__class__ = vs.CLIPAttention
     attn.num_heads_per_partition = 5   # 3 * 64 outputs do not split into 5 heads
     assert "do not split" in dk.accelerate(attn).left_alone[0][2]
+
+
+def loaded_v2(seed=0):
+    model = vs.DeepseekOCR2ForCausalLM().eval()
+    model.load_weights(vs.full_checkpoint(seed, "DeepseekOCR2ForCausalLM").items())
+    return model
+
+
+@pytest.mark.parametrize("backends", [("reference",), ("reference", "triton-interpret")])
+def test_vllm_v2_layout_matches_and_leaves_the_language_model(backends):
+    """DeepSeek-OCR 2 in vLLM's layout: SAM + compressor (to the decoder width) and the causal-flow stage."""
+    if "triton-interpret" in backends:
+        why = hf.fused_varlen_refusal(4, 2, 16, prefix=True)
+        if why:
+            pytest.skip(f"the fused varlen kernel refuses the causal-flow call yet ({why})")
+    from deepencoder_kernels.vllm_plugin import accelerate_towers
+
+    model = loaded_v2()
+    with torch.no_grad():
+        want = model._encode_global_features(PIXELS)
+    report = accelerate_towers(model)
+    assert report.kinds() == {"sam encoder": 1, "sam block": 3, "causal flow": 1}
+    assert report.corrected == []                       # vLLM's port passes its mask: nothing to correct
+    assert not any(p.path.startswith("language_model") for p in report.patched)
+    assert "forward" not in model.language_model.attn.__dict__
+    for backend in backends[-1:]:
+        with torch.no_grad(), dk.backend(backend):
+            got = model._encode_global_features(PIXELS)
+        assert {c.backend for c in dk.last_backends().values()} == {backend}
+        assert got.shape == want.shape == (2 * 4, 24)
+        assert_close(got, want, torch.float32, msg=backend)
+
+
+@pytest.mark.parametrize("arch", ["DeepseekOCRForCausalLM", "DeepseekOCR2ForCausalLM"])
+def test_load_weights_again_is_exact(arch):
+    """vLLM's load_weights called again (a reload, a trainer syncing weights into the server: its
+    weight loaders write with param.data.copy_) after the fused path has run: the next call reads
+    the new weights (the SAM parts on the fused kernels, the rest as the op allows here)."""
+    from deepencoder_kernels.vllm_plugin import accelerate_towers
+
+    model = vs.MODELS[arch]().eval()
+    model.load_weights(vs.full_checkpoint(0, arch).items())
+    accelerate_towers(model, arch)
+    sam_backend = "triton-interpret"
+    with torch.no_grad(), dk.backend(sam_backend):
+        model.sam_model(PIXELS)
+    model.load_weights(vs.full_checkpoint(1, arch).items())
+    fresh = vs.MODELS[arch]().eval()
+    fresh.load_weights(vs.full_checkpoint(1, arch).items())
+    with torch.no_grad():
+        want = fresh._encode_global_features(PIXELS)
+        with dk.backend(sam_backend):
+            sam = model.sam_model(PIXELS)
+        with dk.backend("reference"):
+            got = model._encode_global_features(PIXELS)
+    assert_close(sam, fresh.sam_model(PIXELS), torch.float32)
+    assert_close(got, want, torch.float32)
 
 
 # ---- tensor parallelism: world size 2 on CPU (gloo), each process with its shards --------------
@@ -114,6 +172,25 @@ def test_tensor_parallel_shards_equal_the_unsharded_model(tmp_path):
             assert_close(got[name], want, torch.float32, msg=f"accelerated, rank {rank}, {name}")
 
 
+def test_tensor_parallel_v2_every_rank_runs_the_replicated_towers(tmp_path):
+    """DeepSeek-OCR 2's vision towers are replicated in vLLM: every rank accelerates and gets the whole result."""
+    arch = "DeepseekOCR2ForCausalLM"
+    ckpt = vs.full_checkpoint(0, arch)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    torch.save(PIXELS, tmp_path / "pixels.pt")
+    with torch.no_grad():
+        want = loaded_v2()._encode_global_features(PIXELS)
+    mp.spawn(vs.tp_worker, nprocs=2, join=True,
+             args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt.pt"), str(tmp_path / "pixels.pt"), str(tmp_path),
+                   ("reference",), arch))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_close(got["original"], want, torch.float32, msg=f"rank {rank}")
+        assert [k for _, k in got["patched"]].count("causal flow") == 1
+        assert set(got["reference ran"].values()) == {"reference"}
+        assert_close(got["reference"], want, torch.float32, msg=f"accelerated, rank {rank}")
+
+
 # ---- the plugin's registration path, against a fake vllm package ------------------------------
 
 FAKE_VLLM = '''
@@ -138,6 +215,11 @@ class _Registry:
 ModelRegistry = _Registry(ARCHS)
 '''
 
+DEEPSEEK_OCR2 = {
+    "current": "from vllm_standins import DeepseekOCR2ForCausalLM\n",
+    "not a module class": "class DeepseekOCR2ForCausalLM:\n    pass\n",
+}
+
 DEEPSEEK_OCR = {
     "current": "from vllm_standins import DeepseekOCRForCausalLM\n",
     "not a module class": "class DeepseekOCRForCausalLM:\n    pass\n",
@@ -157,17 +239,21 @@ DEEPSEEK_OCR = {
 def fake_vllm(tmp_path, monkeypatch):
     """Writes a fake ``vllm`` (registry + model module) and returns the plugin module, fresh."""
 
-    def make(archs=("DeepseekOCRForCausalLM", "LlamaForCausalLM"), deepseek_ocr="current"):
+    def make(archs=("DeepseekOCRForCausalLM", "DeepseekOCR2ForCausalLM", "LlamaForCausalLM"), deepseek_ocr="current",
+             deepseek_ocr2="current"):
         pkg = tmp_path / "vllm"
         models = pkg / "model_executor" / "models"
         models.mkdir(parents=True)
-        mapping = {a: "deepseek_ocr" if a == "DeepseekOCRForCausalLM" else "llama" for a in archs}
+        modules = {"DeepseekOCRForCausalLM": "deepseek_ocr", "DeepseekOCR2ForCausalLM": "deepseek_ocr2"}
+        mapping = {a: modules.get(a, "llama") for a in archs}
         (pkg / "__init__.py").write_text(f"ARCHS = {mapping!r}\n" + FAKE_VLLM)
         (pkg / "model_executor" / "__init__.py").write_text("")
         (models / "__init__.py").write_text("")
         (models / "llama.py").write_text("class LlamaForCausalLM:\n    pass\n")
         if deepseek_ocr is not None:
             (models / "deepseek_ocr.py").write_text(DEEPSEEK_OCR[deepseek_ocr])
+        if deepseek_ocr2 is not None:
+            (models / "deepseek_ocr2.py").write_text(DEEPSEEK_OCR2[deepseek_ocr2])
         monkeypatch.syspath_prepend(str(tmp_path))
         import deepencoder_kernels.vllm_plugin as plugin
 
@@ -203,7 +289,7 @@ def test_plugin_registers_a_subclass_that_accelerates_after_load(fake_vllm, capl
     import pickle
 
     assert pickle.loads(pickle.dumps(cls)) is cls     # by reference, as vLLM's and Ray's pickling need
-    plugin._reported = False
+    plugin._reported.clear()
     reference = loaded_model()
     with caplog.at_level(logging.DEBUG, logger="vllm.deepencoder_kernels"):
         model = cls(vllm_config=None, prefix="")
@@ -231,7 +317,8 @@ def test_plugin_opt_out(fake_vllm, monkeypatch, caplog):
 
 @pytest.mark.parametrize("case", ["arch absent", "module absent"])
 def test_plugin_does_nothing_without_deepseek_ocr(fake_vllm, caplog, case):
-    plugin = fake_vllm(archs=("LlamaForCausalLM",)) if case == "arch absent" else fake_vllm(deepseek_ocr=None)
+    plugin = (fake_vllm(archs=("LlamaForCausalLM",)) if case == "arch absent"
+              else fake_vllm(deepseek_ocr=None, deepseek_ocr2=None))
     from vllm import ModelRegistry
 
     before = dict(ModelRegistry.models)
@@ -239,6 +326,7 @@ def test_plugin_does_nothing_without_deepseek_ocr(fake_vllm, caplog, case):
         assert plugin.register() is False
     assert ModelRegistry.models == before
     assert len(caplog.records) == 1 and "this vLLM has no DeepseekOCRForCausalLM" in caplog.text
+    assert "no DeepseekOCR2ForCausalLM" in caplog.text
 
 
 def test_plugin_without_a_registry_does_nothing(fake_vllm, caplog):
@@ -297,3 +385,47 @@ def test_plugin_survives_a_failing_accelerate(fake_vllm, caplog, monkeypatch):
         model.load_weights(vs.full_checkpoint().items())
     assert "accelerate() failed (RuntimeError: boom)" in caplog.text
     assert not any("forward" in m.__dict__ for m in model.modules())   # the first tower was restored too
+
+
+def test_plugin_serves_deepseek_ocr2(fake_vllm, caplog):
+    plugin = fake_vllm()
+    from vllm import ModelRegistry
+
+    assert plugin.register() is True
+    cls = ModelRegistry.resolve("DeepseekOCR2ForCausalLM")
+    assert issubclass(cls, vs.DeepseekOCR2ForCausalLM) and cls.__name__ == "DeepseekOCR2ForCausalLM"
+    assert ModelRegistry.resolve("DeepseekOCRForCausalLM") is not cls
+    plugin._reported.clear()
+    reference = loaded_v2()
+    with caplog.at_level(logging.DEBUG, logger="vllm.deepencoder_kernels"):
+        model = cls(vllm_config=None, prefix="")
+        model.load_weights(vs.full_checkpoint(0, "DeepseekOCR2ForCausalLM").items())
+        model.load_weights(vs.full_checkpoint(0, "DeepseekOCR2ForCausalLM").items())   # a reload: not reported again at INFO
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 1 and "DeepSeek-OCR 2 encoder on deepencoder_kernels ops" in info[0], info
+    assert "3 sam block, 1 sam encoder, 1 causal flow patched" in info[0]
+    assert "forward" in model.qwen2_model.__dict__ and "forward" not in model.language_model.attn.__dict__
+    with torch.no_grad(), dk.backend("reference"):
+        assert_close(model._encode_global_features(PIXELS), reference._encode_global_features(PIXELS), torch.float32)
+
+
+def test_plugin_serves_v1_on_a_vllm_without_deepseek_ocr2(fake_vllm, caplog):
+    plugin = fake_vllm(archs=("DeepseekOCRForCausalLM", "LlamaForCausalLM"), deepseek_ocr2=None)
+    from vllm import ModelRegistry
+
+    with caplog.at_level(logging.INFO, logger="vllm.deepencoder_kernels"):
+        assert plugin.register() is True
+    assert ModelRegistry.models["DeepseekOCRForCausalLM"] == "deepencoder_kernels.vllm_plugin:DeepseekOCRForCausalLM"
+    assert "DeepseekOCR2ForCausalLM" not in ModelRegistry.models
+    assert len(caplog.records) == 1 and "no DeepseekOCR2ForCausalLM (not in ModelRegistry)" in caplog.text
+
+
+def test_plugin_with_a_changed_v2_class_runs_vllms_code(fake_vllm, caplog):
+    plugin = fake_vllm(deepseek_ocr2="not a module class")
+    from vllm import ModelRegistry
+
+    assert plugin.register() is True
+    with caplog.at_level(logging.WARNING, logger="vllm.deepencoder_kernels"):
+        cls = ModelRegistry.resolve("DeepseekOCR2ForCausalLM")
+    assert cls is sys.modules["vllm.model_executor.models.deepseek_ocr2"].DeepseekOCR2ForCausalLM
+    assert "DeepseekOCR2ForCausalLM changed (not an nn.Module with load_weights)" in caplog.text

@@ -281,3 +281,122 @@ class VllmClipAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out, _ = self.out_proj(out.transpose(1, 2).reshape(B, N, C))
         return out
+
+
+# ---- DeepSeek-OCR 2 (DeepEncoder V2): the causal-flow stage as DeepSeek's and vLLM's code build it ----
+#
+# Written from the facts in shared/reference/deepencoder-v2.md (``V/deepencoderv2/qwen2_d2e.py`` and vLLM's
+# port): ``qwen2_model`` (Qwen2Decoder2Encoder) holds ``query_768`` / ``query_1024`` (nn.Embedding, the bank
+# whose size equals the image-token count is used) and ``model`` (CustomQwen2Decoder), whose ``model`` is a
+# subclass of transformers' ``Qwen2Model`` (``embed_tokens`` deleted). The sequence is [n image tokens;
+# n queries], token_type_ids 0 / 1; the intended mask is prefix-LM (image rows see every image column,
+# query row i every image column and the queries up to i), additive, finfo.min where masked. DeepSeek's
+# own code installs that mask by overriding ``_update_causal_mask``, which transformers >= 4.53 never
+# calls (its image tokens then attend causally); vLLM's port passes ``attention_mask={"full_attention":
+# mask}``, which transformers uses as it is. The banks here are small (the real ones hold 144 and 256).
+
+
+def prefix_lm_mask(token_type_ids: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """[B, 1, L, L] additive mask from token_type_ids (0 = image, bidirectional; 1 = query, causal)."""
+    t = token_type_ids.to(device)
+    L = t.shape[1]
+    i = torch.arange(L, device=device)
+    image_col = (t == 0)[:, None, :]                                    # every row sees the image tokens...
+    image_row = (t == 0)[:, :, None]
+    causal_query = (t == 1)[:, :, None] & (t == 1)[:, None, :] & (i[None, None, :] <= i[None, :, None])
+    allowed = (image_col & (image_row | (t == 1)[:, :, None])) | causal_query   # ...queries also the earlier queries
+    mask = torch.full((t.shape[0], L, L), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.masked_fill(allowed, 0.0).unsqueeze(1)
+
+
+def _qwen2_config(hidden, layers, heads, kv_heads, intermediate):
+    import transformers
+
+    return transformers.Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=4096,
+                                    vocab_size=32, rms_norm_eps=1e-6, rope_theta=1000000.0, attention_dropout=0.0,
+                                    hidden_act="silu", _attn_implementation="sdpa")
+
+
+def _deepseek_inner_class():
+    """DeepSeek's CustomQwen2ModelInner: keeps token_type_ids for its ``_update_causal_mask`` override."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    class DeepseekQwen2Inner(Qwen2Model):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                    token_type_ids=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                    return_dict=None, cache_position=None):
+            self._current_token_type_ids = token_type_ids
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+        def _update_causal_mask(self, attention_mask, input_tensor, cache_position, past_key_values, output_attentions):
+            return prefix_lm_mask(self._current_token_type_ids, input_tensor.dtype, input_tensor.device)
+
+    return DeepseekQwen2Inner
+
+
+def _vllm_inner_class():
+    """vLLM's port: builds the mask itself and passes it as the full_attention entry of a mask mapping."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    class VllmQwen2Inner(Qwen2Model):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                    token_type_ids=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                    return_dict=None, cache_position=None):
+            mask = prefix_lm_mask(token_type_ids, inputs_embeds.dtype, inputs_embeds.device)
+            return super().forward(input_ids=input_ids, attention_mask={"full_attention": mask, "sliding_attention": mask},
+                                   position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                   return_dict=return_dict)
+
+    return VllmQwen2Inner
+
+
+class CustomQwen2Decoder(nn.Module):
+    def __init__(self, inner_cls, hidden, layers, heads, kv_heads, intermediate):
+        super().__init__()
+        self.model = inner_cls(_qwen2_config(hidden, layers, heads, kv_heads, intermediate))
+        del self.model.embed_tokens
+
+    def forward(self, inputs_embeds, token_type_ids, attention_mask=None, **kwargs):
+        return self.model(inputs_embeds=inputs_embeds, token_type_ids=token_type_ids, attention_mask=attention_mask, **kwargs)
+
+
+class Qwen2Decoder2Encoder(nn.Module):
+    """``qwen2_model``: SAM's net_3 output [B, C, h, w] -> the n query outputs [B, n, C]."""
+
+    def __init__(self, variant="deepseek", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, banks=(4, 9)):
+        super().__init__()
+        inner = _deepseek_inner_class() if variant == "deepseek" else _vllm_inner_class()
+        self.model = CustomQwen2Decoder(inner, hidden, layers, heads, kv_heads, intermediate)
+        self.query_768 = nn.Embedding(banks[0], hidden)
+        self.query_1024 = nn.Embedding(banks[1], hidden)
+
+    def forward(self, x):
+        x = x.flatten(2).transpose(1, 2)
+        bs, n, _ = x.shape
+        if n == self.query_768.num_embeddings:
+            bank = self.query_768.weight
+        elif n == self.query_1024.num_embeddings:
+            bank = self.query_1024.weight
+        else:
+            raise ValueError(f"no query bank for {n} tokens")
+        combined = torch.cat([x, bank.unsqueeze(0).expand(bs, -1, -1)], dim=1)
+        token_type_ids = torch.cat([torch.zeros(bs, n, dtype=torch.long), torch.ones(bs, n, dtype=torch.long)], dim=1)   # on the CPU, as upstream
+        y = self.model(combined, token_type_ids)[0]
+        return y[:, n:]
+
+
+class UpstreamDeepEncoderV2(nn.Module):
+    """DeepSeek-OCR 2's vision half: sam_model (net_3 to the decoder width), qwen2_model, projector."""
+
+    def __init__(self, variant="deepseek", hidden=64, out=24):
+        super().__init__()
+        self.sam_model = UpstreamImageEncoderViT(c3=hidden)
+        self.qwen2_model = Qwen2Decoder2Encoder(variant, hidden)
+        self.projector = UpstreamProjector(hidden, out)
+
+    def forward(self, pixels):
+        return self.projector(self.qwen2_model(self.sam_model(pixels)))

@@ -1,5 +1,8 @@
-"""Stand-ins for upstream vLLM's DeepSeek-OCR model, written to the *structure* of its public
-``vllm/model_executor/models/deepseek_ocr.py``, ``deepencoder.py`` and ``clip.py``: the same module
+"""Stand-ins for upstream vLLM's DeepSeek-OCR and DeepSeek-OCR 2 models, written to the *structure* of its public
+``vllm/model_executor/models/deepseek_ocr.py``, ``deepencoder.py`` and ``clip.py`` (and, for DeepSeek-OCR 2,
+``deepseek_ocr2.py`` + ``deepencoder2.py``: ``sam_model`` with net_3 to the decoder width, ``qwen2_model``
+as DeepSeek's ``qwen2_d2e.py`` builds it with vLLM's mask mapping, ``projector``, ``view_seperator``, all
+replicated on every rank; see ``upstream.Qwen2Decoder2Encoder``): the same module
 tree and parameter names (``sam_model.blocks.N.attn.qkv``, ``vision_model.transformer.layers.N.
 self_attn.qkv_proj``, ...), the same call contracts (CLIPAttention returns ``(output, None)``, the
 parallel linears return ``(output, bias)``), and tensor parallelism as vLLM shards CLIP:
@@ -20,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from upstream import RelPosAttention, UpstreamImageEncoderViT
+from upstream import Qwen2Decoder2Encoder, RelPosAttention, UpstreamImageEncoderViT
 
 
 def tp_rank_world() -> tuple[int, int]:
@@ -283,18 +286,41 @@ class DeepseekOCRForCausalLM(nn.Module):
         return loaded
 
 
-def full_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
+class DeepseekOCR2ForCausalLM(nn.Module):
+    """``deepseek_ocr2.DeepseekOCR2ForCausalLM``'s vision half and glue (one global view per image):
+    ``sam_model`` -> ``qwen2_model`` -> ``projector``; no CLIP, no newline tokens."""
+
+    def __init__(self, *, vllm_config=None, prefix: str = ""):
+        super().__init__()
+        self.sam_model = build_sam_vit_b_small()                 # net_3 -> 64 = the decoder width here (896 upstream)
+        self.qwen2_model = Qwen2Decoder2Encoder("vllm", hidden=64)
+        self.projector = MlpProjector(64, 24)
+        self.view_seperator = nn.Parameter(torch.randn(24))     # upstream's spelling
+        self.language_model = DecoyLanguageModel()
+
+    def _encode_global_features(self, image_tensor):
+        features = self.projector(self.qwen2_model(self.sam_model(image_tensor)))
+        return features.view(-1, features.shape[-1])
+
+    load_weights = DeepseekOCRForCausalLM.load_weights
+
+
+MODELS = {"DeepseekOCRForCausalLM": DeepseekOCRForCausalLM, "DeepseekOCR2ForCausalLM": DeepseekOCR2ForCausalLM}
+
+
+def full_checkpoint(seed: int = 0, arch: str = "DeepseekOCRForCausalLM") -> dict[str, torch.Tensor]:
     """Unsharded weights with the checkpoint's names (``model.`` prefix, fused ``qkv_proj``); call
     it outside a process group (inside one, the model's parallel linears are shards)."""
     torch.manual_seed(seed)
     out = {}
-    for name, p in DeepseekOCRForCausalLM().named_parameters():
+    for name, p in MODELS[arch]().named_parameters():
         scale = 0.5 if ("rel_pos" in name or "pos" in name or "class" in name or "bias" in name) else 0.2
         out[f"model.{name}"] = torch.randn(p.shape) * scale
     return out
 
 
-def tp_worker(rank: int, world: int, init_file: str, ckpt_path: str, pixels_path: str, out_dir: str, backends: tuple):
+def tp_worker(rank: int, world: int, init_file: str, ckpt_path: str, pixels_path: str, out_dir: str, backends: tuple,
+              arch: str = "DeepseekOCRForCausalLM"):
     """One tensor-parallel rank (``torch.multiprocessing.spawn`` target): load the full checkpoint
     into this rank's shards, run the original forward, accelerate the towers the way the vLLM
     plugin does, run it again on each backend; save everything for the parent to compare."""
@@ -307,14 +333,14 @@ def tp_worker(rank: int, world: int, init_file: str, ckpt_path: str, pixels_path
         from deepencoder_kernels import backend, last_backends
         from deepencoder_kernels.vllm_plugin import accelerate_towers
 
-        model = DeepseekOCRForCausalLM().eval()
+        model = MODELS[arch]().eval()
         model.load_weights(torch.load(ckpt_path).items())
         pixels = torch.load(pixels_path)
-        out = {"qkv_rows": model.vision_model.transformer.layers[0].self_attn.qkv_proj.weight.shape[0]}
+        out = {"qkv_rows": model.vision_model.transformer.layers[0].self_attn.qkv_proj.weight.shape[0]} if hasattr(model, "vision_model") else {}
         with torch.no_grad():
             out["original"] = model._encode_global_features(pixels)
             report = accelerate_towers(model)
-            out["patched"] = report.patched
+            out["patched"] = [(p.path, p.kind) for p in report.patched]   # plain tuples: torch.load(weights_only)
             for name in backends:
                 with backend(name):
                     out[name] = model._encode_global_features(pixels)

@@ -54,10 +54,18 @@ def _profile(args) -> int:
 
 
 def _encode(args) -> int:
-    if args.ray:   # the same steps as a Ray Data pipeline (deepencoder_kernels.ray); --out is a folder there
-        from .ray import run_from_args
+    try:
+        if args.ray:   # the same steps as a Ray Data pipeline (deepencoder_kernels.ray); --out is a folder there
+            from .ray import run_from_args
 
-        return run_from_args(args)
+            return run_from_args(args)
+        return _encode_here(args)
+    except (FileNotFoundError, ImportError, ValueError) as e:   # found before any page is encoded
+        print(f"deepencoder-kernels encode: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _encode_here(args) -> int:
     from . import dispatch
     from .encode import encode_files
     from .profiler import choose_timing_dtype, random_encoder
@@ -68,16 +76,20 @@ def _encode(args) -> int:
     else:
         dtype = DTYPES[args.dtype]
     encoder = random_encoder(dtype=dtype, device=device, model=args.model)
-    mode = args.mode
+    mode = args.mode or ("dynamic" if args.model == "v2" else "base")     # the defaults --mode's help names
     if args.weights:
         encoder.load_checkpoint(args.weights)
     else:
         print("warning: no --weights: seeded random weights (seed 0); the tokens are for testing only", file=sys.stderr)
     with dispatch.backend(args.backend):
-        summary = encode_files(encoder, args.paths, args.out, mode, args.batch, args.max_crops, progress=not args.quiet)
-    print(f"wrote {summary['out']}: {summary['pages']} pages, {summary['tokens']} tokens ({args.model} {mode}, "
-          f"{str(dtype).replace('torch.', '')}) in {summary['seconds']:.1f}s")
-    return 0
+        summary = encode_files(encoder, args.paths, args.out, mode, args.batch, args.max_crops,
+                               progress=not args.quiet, recursive=args.recursive, password=args.password,
+                               alpha=args.alpha, max_pixels=args.max_pixels)
+    failed = summary["failed"]
+    print(f"wrote {summary['out']}: {summary['encoded']}/{summary['pages']} pages, {summary['tokens']} tokens "
+          f"({args.model} {mode}, {str(dtype).replace('torch.', '')}) in {summary['seconds']:.1f}s"
+          + (f"; {len(failed)} page{'s' * (len(failed) > 1)} failed, listed in {summary['errors']}" if failed else ""))
+    return 1 if failed else 0
 
 
 def _info(args) -> int:
@@ -113,8 +125,11 @@ def main(argv=None) -> int:
                    "config uses 6; v2 dynamic 6)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=_profile)
-    e = sub.add_parser("encode", help="images / PDF pages -> vision tokens per page (safetensors), in packed batches")
-    e.add_argument("paths", nargs="+", metavar="PATH", help="image files and PDFs (PDF pages need the 'pdf' extra: pypdfium2)")
+    e = sub.add_parser("encode", help="images / PDF pages -> vision tokens per page (safetensors), in packed batches",
+                       description="Exit status: 0 every page written, 1 some page failed (reported on stderr and "
+                       "in errors.jsonl beside --out; the others are written), 2 bad arguments.")
+    e.add_argument("paths", nargs="+", metavar="PATH", help="image files, PDFs, folders and glob patterns "
+                   "(PDF pages need the 'pdf' extra: pypdfium2; multi-page TIFF/GIF/WebP/APNG give a page per frame)")
     e.add_argument("--model", default="v1", choices=["v1", "v2"], help="encoder generation: v1 DeepEncoder, v2 DeepEncoder V2")
     e.add_argument("--mode", help="v1 (DeepSeek-OCR): tiny, small, base, large, gundam (default base); v2 (DeepSeek-OCR 2): dynamic, base (default dynamic)")
     e.add_argument("--out", required=True, help="output .safetensors: one [n_tokens, 1280] tensor per page id, + mode")
@@ -129,8 +144,10 @@ def main(argv=None) -> int:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--ray", action="store_true", help="run on Ray (a local one, or --ray-address / RAY_ADDRESS): CPU "
                    "preprocessing tasks, one encoder per GPU actor; --out is then a folder of token shards ('ray' extra)")
+    from .encode import add_page_arguments
     from .ray import add_ray_arguments
 
+    add_page_arguments(e)
     add_ray_arguments(e)
     e.set_defaults(run=_encode)
     i = sub.add_parser("info", help="which backends can run here, and why not")

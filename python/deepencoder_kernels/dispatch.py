@@ -12,9 +12,9 @@ torch's SDPA one block of query rows at a time: no dense rel-pos bias or prefix-
 ``ops/_sdpa_blocked.py``), ``auto`` (the fastest usable one, in :data:`AUTO_ORDER`).
 
 Each backend also says whether it beats upstream's own PyTorch code for its op on its devices
-(:attr:`Backend.faster_than_upstream`, set from measurements); :func:`faster_than_upstream` asks it
-for the backend a call would run, so ``accelerate()`` can leave a part on its original forward where
-nothing faster than upstream's code exists.
+(:attr:`Backend.faster_than_upstream`: every backend but the reference unless it declares otherwise,
+from measurements); :func:`faster_than_upstream` asks it of the backend a call would run, and
+``accelerate()`` reads it to leave a part on its original forward where nothing faster exists.
 """
 from __future__ import annotations
 
@@ -45,11 +45,15 @@ class Backend:
     custom_op: bool = True                     # False: traced as plain torch ops (the reference)
     accepts: Callable[..., str | None] | None = None    # input-dependent limits: args -> reason or None
     differentiable: bool = False               # its custom op has a backward; else autograd -> reference
-    # Beats upstream's plain-PyTorch code for this op on its devices, measured (the reference
-    # reproduces upstream, so it never does; nor does Triton's interpreter); False for ops upstream
-    # does not have. A callable decides per call from the op's validated arguments (False when
-    # asked without them).
-    faster_than_upstream: bool | Callable[..., bool] = False
+    # Beats upstream's plain-PyTorch code for this op on its devices: a bool, or a callable
+    # ``(device, dtype) -> bool``. Default (None): every backend but the reference (which reproduces
+    # upstream's math, so never beats it); a backend declares False where measurements say otherwise.
+    # accelerate() reads it to keep a part's original forward where nothing faster exists.
+    faster_than_upstream: bool | Callable[[torch.device, torch.dtype], bool] | None = None
+
+    def __post_init__(self):
+        if self.faster_than_upstream is None:
+            object.__setattr__(self, "faster_than_upstream", self.name != "reference")
 
     def reasons(self, device: torch.device, dtype: torch.dtype, args: tuple | None = None) -> list[str]:
         out = []
@@ -64,11 +68,10 @@ class Backend:
                 out.append(reason)
         return out
 
-    def beats_upstream(self, args: tuple | None = None) -> bool:
-        """:attr:`faster_than_upstream` for a call with these validated ``args`` (None: any call)."""
-        if callable(self.faster_than_upstream):
-            return args is not None and bool(self.faster_than_upstream(*args))
-        return self.faster_than_upstream
+    def beats_upstream(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """:attr:`faster_than_upstream` on ``device`` for ``dtype``."""
+        flag = self.faster_than_upstream
+        return bool(flag(device, dtype)) if callable(flag) else bool(flag)
 
 
 @dataclass
@@ -159,8 +162,9 @@ def faster_than_upstream(op: str, device: torch.device | str, dtype: torch.dtype
     and, given its validated ``args``, their input-dependent limits) beats upstream's own code for
     it (:attr:`Backend.faster_than_upstream`). False when no backend can run it. For inference: under
     autograd a forward-only backend hands the call to the reference. Records nothing."""
-    chosen, _ = _choose(op, torch.device(device), dtype, args, requested_kind())
-    return chosen is not None and chosen.beats_upstream(args)
+    device = torch.device(device)
+    chosen, _ = _choose(op, device, dtype, args, requested_kind())
+    return chosen is not None and chosen.beats_upstream(device, dtype)
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, args: tuple | None = None) -> Backend:

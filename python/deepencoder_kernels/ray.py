@@ -11,9 +11,11 @@ preprocessing, the packed batch encode, the safetensors writer), so ``encode --r
 page the tokens and the page id that ``encode`` gives it. The pipeline (streaming: pages flow
 through it, the collection is never held at once):
 
-1. the driver lists the pages (folders are searched recursively, sorted; image files, and PDF
-   pages when ``pypdfium2`` is installed), each with ``encode``'s ``page_id`` (its path,
-   ``path#page=N`` for a PDF page) and a mode;
+1. the driver lists the pages with ``encode``'s listing (:func:`deepencoder_kernels.pages.list_pages`:
+   folders sorted, their subfolders with ``recursive``, globs, a file named twice read once; image
+   files, their frames for multi-page TIFF/GIF/WebP/APNG, PDF pages when ``pypdfium2`` is
+   installed), each with ``encode``'s ``page_id`` (its path, ``path#page=N`` for a page of a PDF
+   or multi-page image) and a mode; a file that cannot be listed (a locked PDF) is one failed page;
 2. CPU tasks read and preprocess them exactly as ``encode`` does and pass the views on as uint8
    (4x smaller than the float pixels; rebuilt bit for bit);
 3. an actor pool (``map_batches`` with ``concurrency`` actors, one model per actor, ``num_gpus``
@@ -47,35 +49,26 @@ import torch
 
 from . import config as cfg
 from . import encode as pages_io
-from .encode import IMAGE_SUFFIXES, PDF_DPI, PageRef
+from .encode import IMAGE_SUFFIXES, MAX_PIXELS, PDF_DPI, PageRef, describe_error  # noqa: F401 (API)
 
 
 # ---- pages ------------------------------------------------------------------------------------
 
-
-def list_pages(source) -> list[dict]:
-    """Folders (searched recursively, sorted), image files and PDFs (one or a list) -> page items
-    ``{"page_id", "path", "index"}`` (``index``: the PDF page, -1 for an image file), with
-    ``encode``'s page ids."""
-    files = []
-    for src in (list(source) if isinstance(source, (list, tuple)) else [source]):
-        src = Path(src)
-        if src.is_dir():
-            files += sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + (".pdf",))
-        elif src.exists():
-            files.append(src)
-        else:
-            raise FileNotFoundError(f"source: no such file or folder: {src}")
-    items = [{"page_id": r.page_id, "path": r.path, "index": r.index} for r in pages_io.list_pages([str(f) for f in files])]
-    ids = [it["page_id"] for it in items]
-    if len(set(ids)) != len(ids):
-        raise ValueError("source: two pages share a page id (the same file listed twice?)")
-    return items
+_REF_FIELDS = ("path", "index", "kind", "frame", "error")
 
 
-def read_page(path: str, index: int):
-    """``encode``'s page reader: an image file's path, or a PDF page rendered at ``PDF_DPI``."""
-    return pages_io.read_page(PageRef(path, index))
+def list_pages(source, recursive: bool = False, password: str | None = None) -> list[dict]:
+    """Folders, globs, image files and PDFs (one or a list) -> page items ``{"page_id", "path",
+    "index", "kind", "frame", "error"}`` (a :class:`PageRef`'s fields): ``encode``'s listing and
+    page ids, the same function. Raises FileNotFoundError naming ``source`` for a path that names nothing."""
+    return [{"page_id": r.page_id, **{k: getattr(r, k) for k in _REF_FIELDS}}
+            for r in pages_io.list_pages(source, recursive=recursive, password=password, name="source")]
+
+
+def read_page(path: str, index: int, kind: str = "", frame: int = -1, error: str = ""):
+    """``encode``'s page reader for an item's fields: the page's ref, decoded by ``preprocess_page``
+    at the resolution its mode needs."""
+    return pages_io.read_page(PageRef(str(path), int(index), str(kind), int(frame), str(error)))
 
 
 def _to_u8(pixels: torch.Tensor) -> np.ndarray:
@@ -89,12 +82,18 @@ def _from_u8(u8: np.ndarray) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-def preprocess_batch(batch: dict, max_crops: int = cfg.GUNDAM_MAX_CROPS) -> dict:
-    """CPU stage: page items -> uint8 views (global [3, S, S], tiles [n, 3, T, T], grid) or an error."""
+def preprocess_batch(batch: dict, max_crops: int | None = None, model: str = "v1", alpha: str = "white",
+                     max_pixels: int | None = MAX_PIXELS, password: str | None = None) -> dict:
+    """CPU stage: page items -> uint8 views (global [3, S, S], tiles [n, 3, T, T], grid) or an error
+    (:func:`describe_error`: a PageError's sentence naming the file, page and cause)."""
     out = {"page_id": [], "mode": [], "global_view": [], "tiles": [], "grid": [], "error": []}
-    for page_id, path, index, mode in zip(batch["page_id"], batch["path"], batch["index"], batch["mode"]):
+    n = len(batch["page_id"])
+    fields = [[batch[k][i] if k in batch else default for i in range(n)]
+              for k, default in zip(_REF_FIELDS[1:], (-1, "", -1, ""))]
+    for page_id, path, mode, *ref in zip(batch["page_id"], batch["path"], batch["mode"], *fields):
         try:
-            views = pages_io.preprocess_page(read_page(str(path), int(index)), str(mode), max_crops)
+            views = pages_io.preprocess_page(read_page(str(path), *ref), str(mode), max_crops, model, alpha=alpha,
+                                             max_pixels=max_pixels, password=password)
             g = _to_u8(views.global_view)
             t = _to_u8(views.tiles) if views.tiles is not None else np.zeros((0, 3, 0, 0), np.uint8)
             grid, error = np.array(views.grid, np.int32), ""
@@ -105,8 +104,7 @@ def preprocess_batch(batch: dict, max_crops: int = cfg.GUNDAM_MAX_CROPS) -> dict
     return _columns(out)
 
 
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+_describe = describe_error
 
 
 def _columns(out: dict) -> dict:
@@ -127,11 +125,13 @@ def _columns(out: dict) -> dict:
 @dataclass
 class EncoderSpec:
     """Builds the encoder inside each actor: ``weights`` (a checkpoint file or folder) or seeded
-    random weights; ``factory`` (a picklable callable returning a DeepEncoder) overrides both."""
+    random weights, of generation ``model`` ("v1" DeepEncoder, "v2" DeepEncoderV2); ``factory`` (a
+    picklable callable returning an encoder) overrides both."""
 
     weights: str | None = None
     seed: int = 0
     factory: Callable | None = None
+    model: str = "v1"
 
     def build(self):
         if self.factory is not None:
@@ -139,10 +139,10 @@ class EncoderSpec:
         if self.weights is None:
             from .profiler import random_encoder
 
-            return random_encoder(self.seed)
-        from .modules import DeepEncoder
+            return random_encoder(self.seed, model=self.model)
+        from .modules import DeepEncoder, DeepEncoderV2
 
-        enc = DeepEncoder()
+        enc = DeepEncoderV2() if self.model == "v2" else DeepEncoder()
         enc.load_checkpoint(self.weights)
         return enc
 
@@ -204,7 +204,8 @@ def tokens_of(row: dict) -> torch.Tensor:
 
 def build_dataset(pages: list[dict], spec: EncoderSpec, *, batch_size: int = 8, concurrency: int | None = None,
                   num_gpus: float | None = None, device: str | None = None, dtype: str = "auto", backend: str = "auto",
-                  max_crops: int = cfg.GUNDAM_MAX_CROPS, preprocess_cpus: float = 1):
+                  max_crops: int | None = None, preprocess_cpus: float = 1, alpha: str = "white",
+                  max_pixels: int | None = MAX_PIXELS, password: str | None = None):
     """The Ray Data pipeline over page items that carry a ``mode``; lazy: nothing runs until consumed.
     ``num_gpus`` per actor defaults to 1 when the cluster has GPUs, else 0 (CPU actors);
     ``concurrency`` (actors) defaults to the cluster's GPUs, or 1 on CPU. A dead encoder actor is
@@ -218,7 +219,9 @@ def build_dataset(pages: list[dict], spec: EncoderSpec, *, batch_size: int = 8, 
     if concurrency is None:
         concurrency = max(1, int(gpus // num_gpus)) if num_gpus else 1
     ds = ray.data.from_items(pages)
-    ds = ds.map_batches(preprocess_batch, batch_size=1, fn_kwargs={"max_crops": max_crops}, num_cpus=preprocess_cpus)
+    ds = ds.map_batches(preprocess_batch, batch_size=1, num_cpus=preprocess_cpus,
+                        fn_kwargs={"max_crops": max_crops, "model": spec.model, "alpha": alpha, "max_pixels": max_pixels,
+                                   "password": password})
     return ds.map_batches(EncodeActor, fn_constructor_args=(spec, device, dtype, backend), batch_size=batch_size,
                           concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1)
 
@@ -295,16 +298,22 @@ class _ShardWriter:
         self._reset()
 
 
-def encode_collection(source, output, mode="base", weights: str | None = None, *, encoder_factory: Callable | None = None,
+def encode_collection(source, output, mode=None, weights: str | None = None, *, encoder_factory: Callable | None = None,
                       fmt: str = "safetensors", shard_pages: int = 256, batch_size: int = 8, concurrency: int | None = None,
                       num_gpus: float | None = None, device: str | None = None, dtype: str = "auto", backend: str = "auto",
-                      max_crops: int = cfg.GUNDAM_MAX_CROPS, object_store_limit: int | None = None,
-                      progress: bool | Callable[[str], None] = True, ray_address: str | None = None) -> Summary:
-    """Encode every page of ``source`` (folder, file or list) into ``output`` (a folder).
+                      max_crops: int | None = None, object_store_limit: int | None = None,
+                      progress: bool | Callable[[str], None] = True, ray_address: str | None = None,
+                      recursive: bool = False, password: str | None = None, alpha: str = "white",
+                      max_pixels: int | None = MAX_PIXELS, model: str = "v1") -> Summary:
+    """Encode every page of ``source`` (folder, glob, file or a list of them) into ``output`` (a folder).
 
-    ``mode``: one mode for all pages, or a callable ``page_id -> mode``. Connects to the Ray cluster
-    at ``ray_address`` (or starts a local one) unless Ray is already initialised. Returns a
-    :class:`Summary`; failed pages are also in ``output/errors.jsonl``.
+    ``model``: "v1" (DeepEncoder) or "v2" (DeepEncoderV2; an ``encoder_factory`` must build that
+    generation). ``mode``: one mode for all pages (default: v1 base, v2 dynamic), or a callable
+    ``page_id -> mode``. Connects to the Ray cluster
+    at ``ray_address`` (or starts a local one) unless Ray is already initialised. ``recursive``,
+    ``password``, ``alpha``, ``max_pixels``: as ``encode`` takes them (the password travels to the
+    preprocessing tasks as an argument). Returns a :class:`Summary`; failed pages are also in
+    ``output/errors.jsonl`` and reported through ``progress``.
     """
     import ray
 
@@ -312,12 +321,21 @@ def encode_collection(source, output, mode="base", weights: str | None = None, *
         raise ValueError(f"fmt must be 'safetensors' or 'parquet', got {fmt!r}")
     if not isinstance(shard_pages, int) or shard_pages < 1:
         raise ValueError(f"shard_pages must be a positive int, got {shard_pages!r}")
-    pages = list_pages(source)
+    if alpha not in pages_io.ALPHA:
+        raise ValueError(f"alpha must be one of {pages_io.ALPHA}, got {alpha!r}")
+    pages = list_pages(source, recursive, password)
+    if not pages:
+        raise ValueError("source: no pages to encode (the folders hold no image or PDF files)")
+    mode = mode or ("dynamic" if model == "v2" else "base")
     for page in pages:
         page["mode"] = mode(page["page_id"]) if callable(mode) else mode
-        if page["mode"] not in cfg.MODES:
-            raise ValueError(f"mode must be one of {sorted(cfg.MODES)}, got {page['mode']!r} for {page['page_id']}")
-    say = progress if callable(progress) else (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
+        try:
+            cfg.mode_of(page["mode"], model)
+        except ValueError as e:
+            raise ValueError(f"{e} (page {page['page_id']})") from None
+    to_stderr = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    say = progress if callable(progress) else to_stderr if progress else (lambda s: None)
+    warn = progress if callable(progress) else to_stderr       # failed pages: reported even without progress lines
     if not ray.is_initialized():
         ray.init(address=ray_address)
     options = ray.data.DataContext.get_current().execution_options
@@ -325,14 +343,16 @@ def encode_collection(source, output, mode="base", weights: str | None = None, *
     if object_store_limit is not None:   # this run's budget; the context's own is put back after it
         options.resource_limits = limits.copy(object_store_memory=object_store_limit)
     try:
-        return _run(pages, Path(output), EncoderSpec(weights=weights, factory=encoder_factory), say, fmt, shard_pages,
+        return _run(pages, Path(output), EncoderSpec(weights=weights, factory=encoder_factory, model=model), say, fmt, shard_pages,
                     dict(batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, device=device, dtype=dtype,
-                         backend=backend, max_crops=max_crops))
+                         backend=backend, max_crops=max_crops, alpha=alpha, max_pixels=max_pixels, password=password),
+                    warn)
     finally:
         options.resource_limits = limits
 
 
-def _run(pages, out: Path, spec: EncoderSpec, say, fmt: str, shard_pages: int, options: dict) -> Summary:
+def _run(pages, out: Path, spec: EncoderSpec, say, fmt: str, shard_pages: int, options: dict, warn=None) -> Summary:
+    warn = warn or say
     out.mkdir(parents=True, exist_ok=True)
     ds = build_dataset(pages, spec, **options)
     summary, writer, seen = Summary(pages=len(pages)), _ShardWriter(out, fmt, shard_pages), set()
@@ -350,7 +370,7 @@ def _run(pages, out: Path, spec: EncoderSpec, say, fmt: str, shard_pages: int, o
                     if row["error"]:
                         summary.failed.append((page_id, str(row["error"])))
                         errors.write(json.dumps({"page_id": page_id, "error": str(row["error"])}) + "\n")
-                        say(f"page {page_id} failed: {row['error']}")
+                        warn(f"page {page_id} failed: {row['error']}")
                     else:
                         writer.add(page_id, str(row["mode"]), tokens_of(row))
                         summary.encoded += 1
@@ -396,12 +416,15 @@ def add_ray_arguments(parser) -> None:
 
 def run_from_args(args) -> int:
     """``encode``'s arguments (paths, --out as a folder, --mode, --weights, --batch, --max-crops,
-    --dtype, --device, --backend) plus :func:`add_ray_arguments`'."""
+    --dtype, --device, --backend, and the page options: --recursive, --password, --alpha,
+    --max-pixels) plus :func:`add_ray_arguments`'. Exit status: 1 when any page failed."""
     summary = encode_collection(args.paths, args.out, args.mode, args.weights, fmt=args.fmt, shard_pages=args.shard_pages,
                                 batch_size=args.batch, concurrency=args.concurrency, num_gpus=args.num_gpus,
                                 device=args.device, dtype=args.dtype, backend=args.backend, max_crops=args.max_crops,
                                 ray_address=args.ray_address, progress=not getattr(args, "quiet", False),
-                                object_store_limit=args.object_store_mib and args.object_store_mib * 2**20)
+                                object_store_limit=args.object_store_mib and args.object_store_mib * 2**20,
+                                recursive=args.recursive, password=args.password, alpha=args.alpha,
+                                max_pixels=args.max_pixels, model=getattr(args, "model", "v1"))
     print(summary)
     return 1 if summary.failed else 0
 
@@ -412,15 +435,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepencoder_kernels.ray", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="folders, image files and PDFs")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--mode", default="base", choices=sorted(cfg.MODES))
+    parser.add_argument("--model", default="v1", choices=sorted(cfg.MODELS), help="encoder generation: v1 DeepEncoder, v2 DeepEncoder V2")
+    parser.add_argument("--mode", help="v1: tiny, small, base, large, gundam (default base); v2: dynamic, base (default dynamic)")
     parser.add_argument("--weights", help="DeepSeek-OCR safetensors file or folder (default: seeded random weights)")
     parser.add_argument("--batch", type=int, default=8, help="pages per packed encoder batch")
-    parser.add_argument("--max-crops", type=int, default=cfg.GUNDAM_MAX_CROPS, help="Gundam tile budget (vLLM's config: 6)")
+    parser.add_argument("--max-crops", type=int, help="tile budget (default: the mode's: v1 Gundam 9, v2 dynamic 6)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="auto: bfloat16, or float32 on a CPU that only emulates bfloat16 (measured)")
     parser.add_argument("--device", help="the actors' device (default: cuda when an actor has a GPU)")
     parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "triton-interpret", "cpp"])
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    pages_io.add_page_arguments(parser)
     add_ray_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

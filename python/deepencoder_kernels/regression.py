@@ -124,7 +124,7 @@ def _fused_allocations(rnd) -> dict:
     out["rel_pos_attention/triton/16x16-window4"] = _allocated(lambda: attention._fused(qkv, th, tw, 2, 4, pad, interpret=True))
     x = rnd(1, 16, 16, 64)
     neck = [rnd(32, 64, 1, 1), rnd(32), rnd(32), rnd(32, 32, 3, 3), rnd(32), rnd(32), rnd(64, 32, 3, 3), rnd(128, 64, 3, 3)]
-    compress._fused(x, *neck, 1e-6, interpret=True)   # weights re-laid-out once per parameter
+    # includes the weights re-laid-out for the kernel (kkio), made at every call (ops._common.derived)
     out["compress/triton/16x16"] = _allocated(lambda: compress._fused(x, *neck, 1e-6, interpret=True))
     cu = torch.tensor([0, 5, 69, 70], dtype=torch.int32)
     q = rnd(70, 2, 32)

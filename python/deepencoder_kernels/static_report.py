@@ -149,32 +149,42 @@ def rel_pos_attention_signature(dtype: str) -> dict:
     return sig
 
 
+# DeepEncoder V2's causal-flow stage: prefix-LM over [n image tokens; n queries] (L = 288 / 512),
+# GQA 14 / 2 heads, RoPE on load, d = 64
+CAUSAL_FLOW_CASE = ("v2-causal-flow/prefix", "prefix")
+CAUSAL_FLOW_GROUP = cfg.CAUSAL_FLOW_HEADS // cfg.CAUSAL_FLOW_KV_HEADS
+
+
 def varlen_attention_cases():
-    """CLIP over packed views (no bias, d = 64) and SAM global blocks of packed views with rel-pos,
-    the tables sized for the largest grid in the batch (Base 64, Large 80)."""
+    """CLIP over packed views (no bias, d = 64), SAM global blocks of packed views with rel-pos,
+    the tables sized for the largest grid in the batch (Base 64, Large 80), and V2's causal-flow
+    stage (prefix-LM mask, GQA, RoPE)."""
     from deepencoder_kernels.kernels.configs import varlen_attention_config
 
-    cases = [("clip/packed", "plain", False, 1), ("sam-global/packed<=base", "rel_pos", True, cfg.sam_grid(1024)),
-             ("sam-global/packed<=large", "rel_pos", True, cfg.sam_grid(1280))]
-    for case, name, has_bias, side in cases:
-        conf = varlen_attention_config(has_bias, side, side)
+    cases = [("clip/packed", "plain", False, 1, False), ("sam-global/packed<=base", "rel_pos", True, cfg.sam_grid(1024), False),
+             ("sam-global/packed<=large", "rel_pos", True, cfg.sam_grid(1280), False), (*CAUSAL_FLOW_CASE, False, 1, True)]
+    for case, name, has_bias, side, prefix in cases:
+        conf = varlen_attention_config(has_bias, side, side, prefix=prefix)
         launch = conf.pop("num_warps"), conf.pop("num_stages")
-        yield case, name, dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False, **conf,
-                               STORE_LSE=False), *launch
+        constexprs = dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False, **conf,
+                          STORE_LSE=prefix, HAS_PREFIX=prefix, HAS_ROPE=prefix, GROUP=CAUSAL_FLOW_GROUP if prefix else 1)
+        yield case, name, constexprs, *launch
 
 
 def varlen_attention_bwd_cases(kernel: str):
-    """The backward's ``dq`` or ``dkv`` kernel for the forward's cases (CLIP; SAM global with rel-pos)."""
+    """The backward's ``dq`` or ``dkv`` kernel for the forward's cases (CLIP; SAM global with rel-pos;
+    V2's causal flow)."""
     from deepencoder_kernels.kernels.configs import varlen_attention_bwd_config
 
-    cases = [("clip/packed", "plain", False, 1), ("sam-global/packed<=base", "rel_pos", True, cfg.sam_grid(1024)),
-             ("sam-global/packed<=large", "rel_pos_lp256", True, cfg.sam_grid(1280))]
-    for case, name, has_bias, side in cases:
-        dq, dkv = varlen_attention_bwd_config(has_bias, side, side)
+    cases = [("clip/packed", "plain", False, 1, False), ("sam-global/packed<=base", "rel_pos", True, cfg.sam_grid(1024), False),
+             ("sam-global/packed<=large", "rel_pos_lp256", True, cfg.sam_grid(1280), False), (*CAUSAL_FLOW_CASE, False, 1, True)]
+    for case, name, has_bias, side, prefix in cases:
+        dq, dkv = varlen_attention_bwd_config(has_bias, side, side, prefix=prefix)
         conf = dict(dq if kernel == "dq" else dkv)
         launch = conf.pop("num_warps"), conf.pop("num_stages")
         yield case, f"{name}/{kernel}", dict(HEAD_DIM=cfg.HEAD_DIM, HAS_BIAS=has_bias, IEEE_DOT=False, UPCAST_DOT=False,
-                                             **conf), *launch
+                                             **conf, HAS_PREFIX=prefix, HAS_ROPE=prefix,
+                                             GROUP=CAUSAL_FLOW_GROUP if prefix else 1), *launch
 
 
 def varlen_attention_bwd_signature(kernel: str, dtype: str) -> dict:
@@ -186,8 +196,10 @@ def varlen_attention_bwd_signature(kernel: str, dtype: str) -> dict:
     else:
         sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "dout_ptr": p, "lse_ptr": f, "delta_ptr": f, "dk_ptr": p, "dv_ptr": p,
                "cu_seqlens_ptr": i, "grid_hw_ptr": i, "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": i}
+    sig.update({"prefix_ptr": i, "cos_ptr": p, "sin_ptr": p})   # RoPE tables in the activations' dtype, as V2 makes them
     sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                                         "num_heads", "num_m_tiles" if kernel == "dq" else "num_n_tiles")})
+                                         "stride_cos", "stride_sin", "num_heads",
+                                         "num_m_tiles" if kernel == "dq" else "num_n_tiles")})
     if kernel == "dq":
         sig["program_offset"] = "i32"
     sig["sm_scale"] = "fp32"
@@ -197,9 +209,9 @@ def varlen_attention_bwd_signature(kernel: str, dtype: str) -> dict:
 def varlen_attention_signature(dtype: str) -> dict:
     p = "*" + dtype
     sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "cu_seqlens_ptr": "*i32", "lse_ptr": "*fp32", "grid_hw_ptr": "*i32",
-           "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": "*i32"}
+           "tables_h_ptr": p, "tables_w_ptr": p, "table_rows_ptr": "*i32", "prefix_ptr": "*i32", "cos_ptr": p, "sin_ptr": p}
     sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                                         "stride_ot", "stride_oh", "num_heads", "num_m_tiles")})
+                                         "stride_ot", "stride_oh", "stride_cos", "stride_sin", "num_heads", "num_m_tiles")})
     sig["sm_scale"] = "fp32"
     return sig
 

@@ -147,6 +147,41 @@ def _varlen_case(s: Setup, kind: str, batch: int) -> Case:
     return Case("varlen_attention", entry, key, label, make, fused, oracle, "varlen_attention")
 
 
+def _causal_flow_case(s: Setup, batch: int) -> Case:
+    """DeepEncoder V2's causal-flow attention: pages of six 768 tiles (288 tokens) and a 1024 global
+    view (512) packed, prefix-LM (prefix = n image tokens), GQA 14 / 2, RoPE on load, d = 64."""
+    from .kernels.configs import tuning_key
+
+    if s.reduced:   # one kv head of the real head_dim with its 2 query heads; short sequences, odd prefixes
+        heads, kv_heads, ns = 2, 1, [5, 9, 5]
+    else:
+        heads, kv_heads, ns = cfg.CAUSAL_FLOW_HEADS, cfg.CAUSAL_FLOW_KV_HEADS, ([144] * 6 + [256]) * batch
+    d = cfg.HEAD_DIM
+    lengths = [2 * n for n in ns]
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        total = sum(lengths)
+        q = torch.randn(total, heads, d, generator=g).mul_(0.5).to(s.device, s.dtype)
+        k, v = (torch.randn(total, kv_heads, d, generator=g).mul_(0.5).to(s.device, s.dtype) for _ in range(2))
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(s.device)
+        prefix = torch.tensor(ns, dtype=torch.int32, device=s.device)
+        cos, sin = reference.rope_tables(max(lengths), d, cfg.CAUSAL_FLOW_ROPE_THETA, s.dtype, s.device)
+        return q, k, v, cu, max(lengths), prefix, cos, sin
+
+    def fused(q, k, v, cu, max_seqlen, prefix, cos, sin):
+        from . import ops
+
+        return ops.varlen_attention(q, k, v, cu, max_seqlen, prefix_lens=prefix, rope_cos=cos, rope_sin=sin, check_values=False)
+
+    def oracle(q, k, v, cu, max_seqlen, prefix, cos, sin):
+        return reference.varlen_attention(q.float(), k.float(), v.float(), cu, max_seqlen, prefix_lens=prefix, rope_cos=cos,
+                                          rope_sin=sin)
+
+    label = f"{'reduced' if s.reduced else 'real'} causal flow, {len(ns)} views (prefix-LM, GQA {heads}/{kv_heads}, RoPE)"
+    return Case("varlen_attention", "prefix", tuning_key("varlen_attention", "prefix"), label, make, fused, oracle, "varlen_attention")
+
+
 COMPRESS_STEPS = {  # name: (kernel size, stride, padding, LayerNorm after, C_in, C_out)
     "neck_1x1_ln": (1, 1, 0, True, cfg.SAM_DIM, cfg.SAM_NECK_DIM),
     "neck_3x3_ln": (3, 1, 1, True, cfg.SAM_NECK_DIM, cfg.SAM_NECK_DIM),
@@ -190,13 +225,13 @@ def _compress_case(s: Setup, name: str, batch: int) -> Case:
 
 def cases(s: Setup, quick: bool) -> list[Case]:
     """Every tuning key: rel-pos attention windowed (one key: every mode's windows are 14 x 14) and
-    global per mode, varlen for CLIP and packed SAM-global (tables up to Base / Large), the four
-    compressor convs. ``quick``: Base only for the attention, batch 1 where batches are named."""
+    global per mode, varlen for CLIP, packed SAM-global (tables up to Base / Large) and V2's causal
+    flow (prefix-LM, GQA, RoPE), the four compressor convs. ``quick``: Base only for the attention, batch 1 where batches are named."""
     batch = 1 if (quick or s.reduced) else 8
     modes = ("base",) if (quick or s.reduced) else ("tiny", "small", "base", "large")
     out = [_rel_pos_case(s, "base", "windowed", batch)]
     out += [_rel_pos_case(s, m, "global", batch) for m in modes]
-    out += [_varlen_case(s, "clip", batch), _varlen_case(s, "<=base", batch)]
+    out += [_varlen_case(s, "clip", batch), _varlen_case(s, "<=base", batch), _causal_flow_case(s, batch)]
     if not (quick or s.reduced):
         out.append(_varlen_case(s, "<=large", batch))
     out += [_compress_case(s, name, batch) for name in COMPRESS_STEPS]

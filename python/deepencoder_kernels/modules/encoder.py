@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .. import config as cfg
+from ..pages import MAX_PIXELS
 from ..preprocess import Views, preprocess
 from ..stages import nvtx_stage
 from .causal_flow import CausalFlowEncoder
@@ -68,31 +69,66 @@ class _PageEncoder(nn.Module):
 
         return load_checkpoint(self, path, strict=strict)
 
-    def preprocess(self, image, mode: str, max_crops: int | None = None) -> Views:
-        """One image (path or PIL) -> its views for this generation's ``mode``."""
-        return preprocess(image, mode, max_crops, self.generation)
+    def preprocess(self, image, mode: str, max_crops: int | None = None, **read) -> Views:
+        """One image (path or PIL) -> its views for this generation's ``mode``; ``read``:
+        :func:`~deepencoder_kernels.preprocess.load_image`'s options (``alpha``, ``max_pixels``, ``password``)."""
+        return preprocess(image, mode, max_crops, self.generation, **read)
 
     @property
     def _placement(self):
         weight = self.projector.layers.weight
         return weight.device, weight.dtype
 
+    def _views_of(self, images, modes, max_crops, on_error, read) -> tuple[list[int], list[Views]]:
+        """Each image's views; an image that cannot be read goes to ``on_error(index, error)`` (the error
+        names the file, page and cause) and is left out, or, without ``on_error``, is raised."""
+        done, views = [], []
+        for i, (image, mode) in enumerate(zip(images, modes)):
+            try:
+                views.append(self.preprocess(image, mode, max_crops, **read))
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(i, e)
+                continue
+            done.append(i)
+        return done, views
+
     @torch.no_grad()
-    def encode_batch(self, images, modes, max_crops: int | None = None, **kwargs) -> list[torch.Tensor]:
+    def encode_batch(self, images, modes, max_crops: int | None = None, *, on_error=None, alpha: str = "white",
+                     max_pixels: int | None = MAX_PIXELS, password: str | None = None, **kwargs) -> list[torch.Tensor | None]:
         """Images with a mode each (``modes``: one per image, or one for all), encoded as one packed
-        batch (``encode_views_packed``); same tokens as :meth:`encode` image by image."""
+        batch (``encode_views_packed``); same tokens as :meth:`encode` image by image.
+
+        ``on_error(index, error)``: called for each image that cannot be read (a
+        :class:`~deepencoder_kernels.pages.PageError` naming the file, page and cause), whose slot is
+        then None while every other image is encoded; None: the first such error is raised.
+        ``alpha``, ``max_pixels``, ``password``: :func:`~deepencoder_kernels.preprocess.load_image`'s."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         modes = [modes] * len(images) if isinstance(modes, str) else list(modes)
         if len(modes) != len(images):
             raise ValueError(f"modes must be one mode or one per image: got {len(modes)} modes for {len(images)} images")
-        return self.encode_views_packed([self.preprocess(img, m, max_crops) for img, m in zip(images, modes)], **kwargs)
+        read = dict(alpha=alpha, max_pixels=max_pixels, password=password)
+        done, views = self._views_of(images, modes, max_crops, on_error, read)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for i, tokens in zip(done, self.encode_views_packed(views, **kwargs) if views else ()):
+            out[i] = tokens
+        return out
 
     @torch.no_grad()
-    def encode(self, images, mode: str = "base", max_crops: int | None = None, **kwargs) -> list[torch.Tensor]:
-        """PIL images or paths (one or a list) -> one ``[n_tokens, 1280]`` tensor per image."""
+    def encode(self, images, mode: str = "base", max_crops: int | None = None, *, on_error=None, alpha: str = "white",
+               max_pixels: int | None = MAX_PIXELS, password: str | None = None, **kwargs) -> list[torch.Tensor | None]:
+        """PIL images or paths (one or a list) -> one ``[n_tokens, 1280]`` tensor per image, one image at a
+        time; ``on_error`` and the reading options as in :meth:`encode_batch`."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        return [self.encode_views(self.preprocess(img, mode, max_crops), **kwargs) for img in images]
+        read = dict(alpha=alpha, max_pixels=max_pixels, password=password)
+        out = []
+        for i, image in enumerate(images):     # read each image only when it is encoded
+            report = None if on_error is None else (lambda _, e, i=i: on_error(i, e))
+            _, views = self._views_of([image], [mode], max_crops, report, read)
+            out.append(self.encode_views(views[0], **kwargs) if views else None)
+        return out
 
 
 class DeepEncoder(_PageEncoder):

@@ -5,12 +5,10 @@ value) naming the argument, what was expected and what came.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Hashable, Sequence
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import dispatch
 
@@ -148,8 +146,7 @@ def triton_backends(op: str, launcher: Callable, accepts: Callable | None = None
 
     dispatch.register(op, dispatch.Backend(
         "triton", functools.partial(launcher, interpret=TRITON_INTERPRET["triton"]), ("cuda",), FLOAT_DTYPES,
-        (dispatch.needs_triton_compiler, dispatch.needs_interpret(False)), accepts=accepts, differentiable=differentiable,
-        faster_than_upstream=True))
+        (dispatch.needs_triton_compiler, dispatch.needs_interpret(False)), accepts=accepts, differentiable=differentiable))
     dispatch.register(op, dispatch.Backend(
         "triton-interpret", functools.partial(launcher, interpret=TRITON_INTERPRET["triton-interpret"]), ("cpu",), FLOAT_DTYPES,
         (dispatch.needs_module("triton"), dispatch.needs_interpret(True)), accepts=accepts, differentiable=differentiable))
@@ -177,28 +174,12 @@ def _run_requested(op: str, args: tuple):
     return chosen.impl(*args)
 
 
-_DERIVED = WeakIdKeyDictionary()   # first source tensor -> {extra key: (other sources, versions, value)}
-MAX_DERIVED_PER_SOURCE = 16
-
-
 def derived(sources: Sequence[torch.Tensor], extra: Hashable, make: Callable):
-    """``make()``, cached for as long as ``sources`` live unchanged: weights re-laid-out for a kernel,
-    tables resized for a grid. Entries are keyed by the source tensors themselves (held weakly, so
-    memory a freed tensor leaves to a new one can never hit a stale entry) and their in-place
-    version counters. Tensors without a version counter (made under inference_mode) are not cached."""
-    first, *others = sources
-    try:
-        versions = tuple(t._version for t in sources)
-    except RuntimeError:
-        return make()
-    entries = _DERIVED.setdefault(first, {})
-    hit = entries.get(extra)
-    if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], others)):
-        return hit[2]
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return make()   # made inside a CUDA graph: its values exist only on replay, so it is not cached
-    if len(entries) >= MAX_DERIVED_PER_SOURCE:
-        entries.clear()
-    value = make()
-    entries[extra] = ([weakref.ref(t) for t in others], versions, value)
-    return value
+    """``make()``: a tensor a kernel needs derived from weights (re-laid-out, resized), made on the
+    device at every call, never cached. A cache keyed on the sources' identity, version counter or
+    address goes stale silently: ``param.data.copy_(t)`` and ``param.data = t`` (how vLLM's weight
+    loaders and trainers syncing weights into a server write) bump no version counter, and checking
+    a cache by content would read the weights anyway (and sync the host). The derivations are one
+    copy or a few small kernels, cheap next to the op that reads them. ``sources`` and ``extra``
+    name what the value depends on (kept so callers read the same)."""
+    return make()

@@ -121,7 +121,7 @@ MAX_LN_CHANNELS = 512  # the LayerNorm convs keep every output channel of a pixe
 
 
 def kkio(weight: torch.Tensor) -> torch.Tensor:
-    """Conv weight [C_out, C_in, k, k] -> [k, k, C_in, C_out] for the kernel, once per parameter version."""
+    """Conv weight [C_out, C_in, k, k] -> [k, k, C_in, C_out] for the kernel, at every call (see ``derived``)."""
     return derived((weight,), "kkio", lambda: weight.detach().permute(2, 3, 1, 0).contiguous())
 
 

@@ -139,7 +139,7 @@ dispatch.register(OP, dispatch.Backend("sdpa-blocked", _sdpa_blocked_forward, ("
 # ---- fused Triton backend --------------------------------------------------------------------
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
 def sequence_tables(rel_pos_h, rel_pos_w, seq_h: int, seq_w: int):
-    """The rel-pos tables resized to ``2 S - 1`` rows, once per (parameter version, grid)."""
+    """The rel-pos tables resized to ``2 S - 1`` rows (a no-op when they have them), at every call (see ``derived``)."""
     return derived((rel_pos_h, rel_pos_w), ("sequence", seq_h, seq_w), lambda: (
         reference.resize_rel_pos(rel_pos_h.detach(), 2 * seq_h - 1), reference.resize_rel_pos(rel_pos_w.detach(), 2 * seq_w - 1)))
 

@@ -49,14 +49,16 @@ def varlen_attention(
         rel_pos_h, rel_pos_w: optional ``[L, d]`` SAM tables; with them, ``grid_hw`` (int32
             ``[num_seqs, 2]``, ``h * w`` = the sequence's length) gives each sequence's grid and
             the decomposed bias ``q.Rh + q.Rw`` (unscaled q) is added after scaling.
-        check_values: check ``cu_seqlens``/``grid_hw`` values (a host read); pass False for
-            sequences your own code built (the kernel handles empty ones either way). Skipped
-            while the current CUDA stream is capturing a graph (the values are the replay's).
+        check_values: check ``cu_seqlens``/``grid_hw``/``prefix_lens`` values (a host read); pass
+            False for sequences your own code built (the kernel handles empty ones either way and
+            clamps prefixes to the length). Skipped while tracing under ``torch.compile`` (so
+            ``fullgraph=True`` holds; the compiled call checks nothing) and while the current CUDA
+            stream is capturing a graph (the values are the replay's).
         allow_empty: accept zero-length sequences in the checks.
         max_side: with a bias, a host int bounding every grid side (``grid_hw`` values), as
             ``max_seqlen`` bounds the lengths: with it nothing is read to the host, so the call
             can be captured in a CUDA graph and replayed with other grids up to that side. None:
-            read ``grid_hw`` to the host for it (eager only).
+            read ``grid_hw`` to the host for it (eager only: an error under torch.compile or capture).
         prefix_lens: int32 ``[num_seqs]`` on q's device: the prefix-LM mask, no mask tensor: rows
             ``i < p`` attend to keys ``j < p``, rows ``i >= p`` to keys ``j <= i`` (p = 0 is causal, p =
             the length is bidirectional). DeepEncoder V2: p = n image tokens, then n causal queries.
@@ -105,9 +107,9 @@ def varlen_attention(
         max_side = 0
     elif max_side is not None:
         max_side = check_int("max_side", max_side, low=1)
-    elif capturing(q.device):
-        raise ValueError("max_side (a host int bounding grid_hw's values) is needed while capturing a CUDA graph: "
-                         "grid_hw cannot be read to the host there")
+    elif capturing(q.device) or torch.compiler.is_compiling():
+        raise ValueError("max_side (a host int bounding grid_hw's values) is needed under torch.compile and while capturing "
+                         "a CUDA graph: grid_hw cannot be read to the host there")
     else:
         max_side = max(1, int(grid_hw.max())) if grid_hw.numel() else 1
     if prefix_lens is not None:
@@ -125,7 +127,7 @@ def varlen_attention(
             if t.shape[0] < max_seqlen:
                 raise ValueError(f"{name} has {t.shape[0]} positions, fewer than max_seqlen={max_seqlen}")
         rope_cos, rope_sin = kernel_layout(rope_cos), kernel_layout(rope_sin)
-    if check_values and not capturing(q.device):
+    if check_values and not capturing(q.device) and not torch.compiler.is_compiling():   # host reads: eager only
         lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, total, max_seqlen, allow_empty)
         if grid_hw is not None:
             for i, ((h, w), n) in enumerate(zip(grid_hw.tolist(), lengths)):
@@ -153,7 +155,8 @@ def _call_op(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_
     if rel_pos_h is not None:
         tables_h, tables_w = (torch.cat([reference.resize_rel_pos(t, 2 * s - 1) for s in range(1, max_side + 1)])
                               for t in (rel_pos_h, rel_pos_w))
-    return _varlen_attention_train_op(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend)[0]
+    return _varlen_attention_train_op(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens,
+                                      rope_cos, rope_sin, backend)[0]
 
 
 def _reference(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos,
@@ -199,19 +202,12 @@ def _flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen, *args, **kwar
 dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
 
 
-def _beats_upstream(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, *rest) -> bool:
-    """sdpa-blocked beats upstream's code on rel-pos and prefix-LM calls, mixed lengths, and half precision
-    where the CPU emulates it (computed in fp32); a plain call over equal lengths in a native dtype (upstream
-    CLIP's) is the same single SDPA call as upstream's."""
-    prefix_lens, rope_cos = rest[1], rest[2]
-    return (rel_pos_h is not None or prefix_lens is not None or rope_cos is not None
-            or (cu_seqlens.shape[0] - 1) * max_seqlen != q.shape[0] or _sdpa_blocked.compute_dtype(q.dtype) != q.dtype)
-
-
 # CPU: every sequence alone through SDPA (no padding to the longest), the rel-pos bias one block of rows
-# at a time, the prefix-LM mask only over the query rows (ops/_sdpa_blocked.py). Forward only.
+# at a time, the prefix-LM mask only over the query rows (ops/_sdpa_blocked.py). Forward only. Faster than
+# upstream's code on rel-pos and prefix-LM calls and mixed lengths (benchmarks/bench_cpu.py: 1.4x, 2.3x,
+# 3.6x, fp32, one thread); a plain equal-length call (upstream CLIP's) is the same single SDPA call: parity.
 dispatch.register(OP, dispatch.Backend("sdpa-blocked", _sdpa_blocked.varlen_attention, ("cpu",), FLOAT_DTYPES,
-                                       faster_than_upstream=_beats_upstream))
+                                       faster_than_upstream=True))
 
 
 # ---- fused Triton backend --------------------------------------------------------------------
@@ -219,17 +215,39 @@ dispatch.register(OP, dispatch.Backend("sdpa-blocked", _sdpa_blocked.varlen_atte
 def packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw, max_side: int):
     """Per-sequence rel-pos tables for the kernel, with no host read: each axis's table resized to
     ``2 s - 1`` rows for every side ``s`` in 1..``max_side`` (the reference's interpolation), all
-    concatenated (side ``s`` starts at row ``(s - 1)^2``), cached per (parameter version, max_side);
-    each sequence's first rows computed on the device from ``grid_hw``. The same tables serve any
-    grids up to ``max_side``, so a captured CUDA graph replays with other grids."""
-    def make():
-        return tuple(torch.cat([reference.resize_rel_pos(t.detach(), 2 * s - 1) for s in range(1, max_side + 1)])
-                     for t in (rel_pos_h, rel_pos_w))
-
-    tables_h, tables_w = derived((rel_pos_h, rel_pos_w), ("packed", max_side), make)
+    concatenated (side ``s`` starts at row ``(s - 1)^2``), made at every call from the current
+    weights (see ``_common.derived``) in one gather and lerp (:func:`packed_table`); each
+    sequence's first rows computed on the device from ``grid_hw``. The same tables serve any grids
+    up to ``max_side``, so a captured CUDA graph replays with other grids."""
+    tables_h, tables_w = derived((rel_pos_h, rel_pos_w), ("packed", max_side),
+                                 lambda: (packed_table(rel_pos_h, max_side), packed_table(rel_pos_w, max_side)))
     grid = grid_hw.clamp(1, max_side)   # a side past max_side (unchecked input) must not read past the tables
     table_rows = (grid - 1).square()
     return grid, tables_h, tables_w, table_rows, max_side, max_side
+
+
+def packed_table(table: torch.Tensor, max_side: int) -> torch.Tensor:
+    """``cat([reference.resize_rel_pos(table, 2 s - 1) for s in 1..max_side])`` as one gather and lerp
+    on the table's device: ``F.interpolate``'s linear rule (align_corners=False: source index
+    ``(i + 0.5) * L / n - 0.5`` clamped at 0, fp32, cast back) with indices made from ``arange``
+    (shapes only; no host data, so it also runs while a CUDA graph captures; within 2 ulp of
+    ``F.interpolate``). Sides whose table
+    already has ``2 s - 1`` rows read it exactly (weight 0 on the neighbour)."""
+    L, dev = table.shape[0], table.device
+    k = torch.arange(max_side * max_side, device=dev)
+    side = torch.sqrt(k.to(torch.float32)).floor().long() + 1   # row k belongs to side s when (s-1)^2 <= k < s^2
+    n = 2 * side - 1
+    dst = (k - (side - 1) ** 2).to(torch.float64)
+    scale = torch.full_like(dst, float(L), dtype=torch.float32) / n.to(torch.float32)   # fp32, as the kernel's
+    # scale * (i + 0.5) - 0.5 rounded once, as the compiled kernels' fused multiply-add does (measured:
+    # rounding twice moves a source index across an integer, 1e-5 off; once, within 2 ulp)
+    src = (scale.to(torch.float64) * (dst + 0.5) - 0.5).to(torch.float32).clamp_min(0)
+    i0 = src.floor().long().clamp_max(L - 1)
+    lam = (src - i0.to(torch.float32)).clamp(0, 1)
+    lam = torch.where(n == L, torch.zeros_like(lam), lam)[:, None]   # same size: the table as it is
+    i1 = (i0 + 1).clamp_max(L - 1)
+    t = table.detach().float()
+    return (t[i0] * (1 - lam) + t[i1] * lam).to(table.dtype)
 
 
 def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens=None, rope_cos=None,
@@ -239,7 +257,15 @@ def _fused(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tables = packed_bias_tables(rel_pos_h, rel_pos_w, grid_hw, max_side) if rel_pos_h is not None and grid_hw.shape[0] else None
-    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, tables, interpret=interpret)
+    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, tables, interpret=interpret, prefix_lens=prefix_lens,
+                                rope=_rope(rope_cos, rope_sin))
+
+
+def _rope(rope_cos, rope_sin):
+    """(cos, sin) as the kernels read them (rows of unit stride, no gradient), or None."""
+    if rope_cos is None:
+        return None
+    return tuple(t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (rope_cos, rope_sin))
 
 
 def _fused_accepts(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w, grid_hw, max_side, prefix_lens, rope_cos,
@@ -249,8 +275,8 @@ def _fused_accepts(q, k, v, cu_seqlens, max_seqlen, scale, rel_pos_h, rel_pos_w,
     d = q.shape[-1]
     if d not in FUSED_HEAD_DIMS:
         return f"head_dim {d} not in {FUSED_HEAD_DIMS}"
-    if k.shape[1] != q.shape[1] or prefix_lens is not None or rope_cos is not None:
-        return "grouped-query attention, prefix_lens and RoPE are not in the fused kernel yet"
+    if needs_grad(rope_cos, rope_sin):
+        return "rope_cos / rope_sin require grad: the fused backward gives q, k, v (and rel-pos table) gradients only"
     return None
 
 
@@ -267,24 +293,26 @@ def _train_bias(tables_h, tables_w, grid_hw, max_side):
     return grid, tables_h.detach(), tables_w.detach(), (grid - 1).square(), max_side, max_side
 
 
-def _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, interpret: bool):
+def _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin,
+                 interpret: bool):
     from deepencoder_kernels.kernels.varlen_attention import varlen_attention_fwd
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, _train_bias(tables_h, tables_w, grid_hw, max_side),
-                                interpret=interpret, with_lse=True)
+                                interpret=interpret, with_lse=True, prefix_lens=prefix_lens, rope=_rope(rope_cos, rope_sin))
 
 
 def _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
-                    interpret: bool):
+                    prefix_lens, rope_cos, rope_sin, interpret: bool):
     from deepencoder_kernels.kernels.varlen_attention_backward import varlen_attention_bwd
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = _train_bias(tables_h, tables_w, grid_hw, max_side)
     if bias is None:
-        dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, None, interpret=interpret)
+        dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, None, interpret=interpret,
+                                          prefix_lens=prefix_lens, rope=_rope(rope_cos, rope_sin))
         if tables_h is None:
             return dq, dk, dv, *(q.new_zeros(0, q.shape[-1], dtype=torch.float32) for _ in range(2))
         return dq, dk, dv, torch.zeros_like(tables_h, dtype=torch.float32), torch.zeros_like(tables_w, dtype=torch.float32)
@@ -304,7 +332,7 @@ def _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tabl
             per_side[axis] = total if per_side[axis] is None else per_side[axis] + total
 
     dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias, interpret=interpret,
-                                      reduce_parts=reduce_parts)
+                                      reduce_parts=reduce_parts, prefix_lens=prefix_lens, rope=_rope(rope_cos, rope_sin))
     if per_side[0] is None:   # nothing launched (no tokens)
         return dq, dk, dv, torch.zeros_like(tables_h, dtype=torch.float32), torch.zeros_like(tables_w, dtype=torch.float32)
     packed_row = torch.arange(max_side * max_side, device=q.device)   # side s + 1 starts at row s^2
@@ -334,16 +362,19 @@ def _varlen_attention_train_op(
     tables_w: Optional[torch.Tensor],
     grid_hw: Optional[torch.Tensor],
     max_side: int,
+    prefix_lens: Optional[torch.Tensor],
+    rope_cos: Optional[torch.Tensor],
+    rope_sin: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward for training: ``(out, lse fp32 [total, heads])``; with the bias, ``tables_*``
     are the packed tables (every side 1..max_side, side ``s`` at row ``(s - 1)^2``)."""
-    return _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
-                        interpret=TRITON_INTERPRET[backend])
+    return _fused_train(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos,
+                        rope_sin, interpret=TRITON_INTERPRET[backend])
 
 
 @_varlen_attention_train_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -362,15 +393,21 @@ def _varlen_attention_backward_op(
     tables_w: Optional[torch.Tensor],
     grid_hw: Optional[torch.Tensor],
     max_side: int,
+    prefix_lens: Optional[torch.Tensor],
+    rope_cos: Optional[torch.Tensor],
+    rope_sin: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, d tables_h fp32, d tables_w fp32)``; the table gradients are ``[0, d]`` without the bias."""
+    """``(dq, dk, dv, d tables_h fp32, d tables_w fp32)``; dk, dv ``[total, kv_heads, d]`` (each kv
+    head's query group summed in the kernel, fixed order); the table gradients are ``[0, d]`` without
+    the bias. RoPE's backward is fused: dq and dk are the gradients of the unrotated q and k."""
     return _fused_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side,
-                           interpret=TRITON_INTERPRET[backend])
+                           prefix_lens, rope_cos, rope_sin, interpret=TRITON_INTERPRET[backend])
 
 
 @_varlen_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin,
+      backend):
     grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if tables_h is None:
         return (*grads, q.new_empty(0, q.shape[-1], dtype=torch.float32), q.new_empty(0, q.shape[-1], dtype=torch.float32))
@@ -378,22 +415,25 @@ def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, tables_h, tables_w
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, scale, tables_h, tables_w, grid_hw, max_side, prefix_lens, rope_cos, rope_sin, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw)
+    # O(N) saved state: the inputs, the output and one fp32 logsumexp per (row, head); no scores
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw, prefix_lens, rope_cos, rope_sin)
     ctx.max_seqlen, ctx.scale, ctx.max_side, ctx.backend = max_seqlen, scale, max_side, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, tables_h, tables_w, grid_hw, prefix_lens, rope_cos, rope_sin = ctx.saved_tensors
     dq, dk, dv, dth, dtw = _varlen_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
-                                                         tables_h, tables_w, grid_hw, ctx.max_side, ctx.backend)
+                                                         tables_h, tables_w, grid_hw, ctx.max_side, prefix_lens, rope_cos,
+                                                         rope_sin, ctx.backend)
     if tables_h is None:
         dth = dtw = None
     else:
         dth, dtw = dth.to(tables_h.dtype), dtw.to(tables_w.dtype)
-    return dq, dk, dv, None, None, None, dth, dtw, None, None, None
+    # the RoPE tables get no gradient (the dispatcher refuses the fused backends when they require one)
+    return dq, dk, dv, None, None, None, dth, dtw, None, None, None, None, None, None
 
 
 _varlen_attention_train_op.register_autograd(_backward, setup_context=_setup_context)
