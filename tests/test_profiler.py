@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+import deepencoder_kernels as dk
+
 from deepencoder_kernels import profiler
 from deepencoder_kernels.modules import DeepEncoder
 from conftest import small_encoder
@@ -127,11 +129,17 @@ def test_counting_pass_full_size_matches_the_checked_flops():
     """The CLI's counting pass (fake CPU tensors, bf16, full size) gives the FLOPs the meta test checks."""
     with torch.device("meta"):
         structure = DeepEncoder()
-    p = profiler.profile("base", encoder=structure, device="cpu", repeat=0, progress=False)
     meta = meta_profile("base")
+    with dk.backend("reference"):   # upstream's computation: the dense bias
+        p = profiler.profile("base", encoder=structure, device="cpu", repeat=0, progress=False)
     assert {s.name: s.flops for s in p.stages} == {s.name: s.flops for s in meta.stages}
     assert p.total_flops / G == pytest.approx(1109.6, abs=0.1)
     assert p.stage("global blocks").largest_tensor_bytes == 12 * 4096 * 4096 * 2   # the bf16 dense rel-pos bias
+    # auto on a CPU: sdpa-blocked, the same FLOPs, the bias one block at a time (its size: threads, compute dtype)
+    auto = profiler.profile("base", encoder=structure, device="cpu", repeat=0, progress=False)
+    assert auto.backends["rel_pos_attention"] == "sdpa-blocked"
+    assert {s.name: s.flops for s in auto.stages} == {s.name: s.flops for s in meta.stages}
+    assert auto.stage("global blocks").largest_tensor_bytes < 12 * 4096 * 4096 * 2
 
 
 def test_timing_passes_repeat_batch_and_views_per_second():

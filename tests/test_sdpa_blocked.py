@@ -316,8 +316,7 @@ def test_packed_encoder_on_the_blocked_backend():
         with dk.backend("reference"):
             want = enc.encode_views_packed(views)
         got = enc.encode_views_packed(views)
-    assert {op: c.backend for op, c in dk.last_backends().items() if op != "compress"} == {
-        "rel_pos_attention": BACKEND, "varlen_attention": BACKEND}
+    assert dk.last_backends()["rel_pos_attention"].backend == dk.last_backends()["varlen_attention"].backend == BACKEND
     for g, w in zip(got, want):
         assert_close(g, w, torch.float32)
 
