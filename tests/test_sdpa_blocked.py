@@ -387,3 +387,17 @@ def test_v2_packed_pass_on_the_blocked_backend():
     assert dk.last_backends()["rel_pos_attention"].backend == BACKEND
     for g, w in zip(got, want):
         assert_close(g, w, torch.float32)
+
+
+def test_varlen_refuses_fake_sequence_metadata():
+    """Fake cu_seqlens outside a fake mode (a Packing made during a counting pass, reused in a real one)
+    have no values to read: the backend says so and the dispatcher moves on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        cu = cu_of([4, 5])
+    q = torch.randn(9, 2, 16)
+    args = (q, q, q, cu, 5, None, None, None, None, 0, None, None, None)
+    chosen = dispatch.select("varlen_attention", q.device, q.dtype, args)
+    assert chosen.name == "reference"
+    assert "fake tensor" in dk.last_backends()["varlen_attention"].refused[BACKEND][0]

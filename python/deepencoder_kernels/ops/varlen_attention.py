@@ -206,8 +206,16 @@ dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICE
 # at a time, the prefix-LM mask only over the query rows (ops/_sdpa_blocked.py). Forward only. Faster than
 # upstream's code on rel-pos and prefix-LM calls and mixed lengths (benchmarks/bench_cpu.py: 1.4x, 2.3x,
 # 3.6x, fp32, one thread); a plain equal-length call (upstream CLIP's) is the same single SDPA call: parity.
+def _blocked_accepts(q, k, v, cu_seqlens, *rest):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(cu_seqlens, FakeTensor):   # e.g. a Packing cached by a counting pass, used in a real one
+        return "cu_seqlens is a fake tensor: sdpa-blocked reads its values on the host"
+    return None
+
+
 dispatch.register(OP, dispatch.Backend("sdpa-blocked", _sdpa_blocked.varlen_attention, ("cpu",), FLOAT_DTYPES,
-                                       faster_than_upstream=True))
+                                       accepts=_blocked_accepts, faster_than_upstream=True))
 
 
 # ---- fused Triton backend --------------------------------------------------------------------
