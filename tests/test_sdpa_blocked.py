@@ -394,8 +394,7 @@ def test_varlen_refuses_fake_sequence_metadata():
     have no values to read: the backend says so and the dispatcher moves on."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
-        cu = cu_of([4, 5])
+    cu = FakeTensorMode().from_tensor(cu_of([4, 5]))
     q = torch.randn(9, 2, 16)
     args = (q, q, q, cu, 5, None, None, None, None, 0, None, None, None)
     chosen = dispatch.select("varlen_attention", q.device, q.dtype, args)
