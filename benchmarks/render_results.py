@@ -229,7 +229,7 @@ def cpu_vs_upstream_section(path: Path) -> list[str]:
     """benchmarks/bench_cpu.py: the package and accelerate()d upstream vs upstream on a CPU, per view and
     stage, and the counted peaks of one block / attention call."""
     m = json.loads(path.read_text())
-    out = [f"**CPU: this package vs upstream's code** ({m['device']}, {m['threads']} thread(s), {m['clock']}, {m['date']}, "
+    out = [f"**CPU: this package vs upstream's code** ({m['device']}, {m['clock']}, {m['date']}, "
            f"torch {m['torch']}; same weights, rounds interleaved, x = upstream's time / the variant's, median over rounds; "
            f"attention computed in {', '.join(f'{k} -> {v}' for k, v in m['attention_compute_dtype'].items())}): "
            f"`cd benchmarks && {m['command']}`", ""]
@@ -262,12 +262,13 @@ def cpu_vs_upstream_section(path: Path) -> list[str]:
 
 
 def cpu_headline_rows() -> list[list[str]]:
-    """Headline rows of bench_cpu.py's results (one file per thread count): a Base view in fp32 and a
-    global + windowed SAM block in bf16, then once the global attention's counted peak."""
-    rows, peak = [], None
+    """Headline rows of bench_cpu.py's results (one file per thread count): a Base view in fp32, a
+    global + windowed SAM block in bf16, the global attention's counted peak (its bias block grows
+    with the threads)."""
+    rows = []
     for path in found("cpu_vs_upstream_*.json"):
         m = json.loads(path.read_text())
-        on = f"{m['device']}, {m['threads']} thread(s), {m['clock']}, {m['date']}"
+        on = f"{m['device']}, {m['clock']}, {m['date']}"
         by = {r["case"]: r for r in m["rows"]}
         view = by.get("base/float32/view")
         if view:
@@ -280,12 +281,12 @@ def cpu_headline_rows() -> list[list[str]]:
             rows.append(["CPU, one SAM global / windowed block at Base, bf16",
                          " / ".join(f"{b['seconds']['package']:.2f} s ({b['speedup']['package']:.2f}x)" for b in blocks),
                          "upstream's code: " + " / ".join(f"{b['seconds']['upstream']:.2f} s" for b in blocks), on])
-        peak = peak or (by.get("base/float32/global attention/peak bytes"), m["date"])
-    if peak and peak[0]:
-        b = peak[0]["peak_bytes"]
-        rows.append(["CPU, SAM global attention at Base (qkv, attention, proj): activation peak, fp32",
-                     f"{b['package'] / MiB:.0f} MiB", f"upstream's dense bias: {b['upstream'] / MiB:.0f} MiB "
-                     f"({b['upstream'] / b['package']:.1f}x)", f"counted, {peak[1]}"])
+        peak = by.get("base/float32/global attention/peak bytes")
+        if peak:
+            b = peak["peak_bytes"]
+            rows.append([f"CPU, SAM global attention at Base (qkv, attention, proj): activation peak, fp32, {m['threads']} thread(s)",
+                         f"{b['package'] / MiB:.0f} MiB", f"upstream's dense bias: {b['upstream'] / MiB:.0f} MiB "
+                         f"({b['upstream'] / b['package']:.1f}x)", f"counted, {m['date']}"])
     return rows
 
 
