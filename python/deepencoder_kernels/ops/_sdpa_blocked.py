@@ -114,7 +114,7 @@ def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Ten
 
 
 def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: float | None = None,
-              prefix: int | None = None, budget: int | None = None) -> None:
+              prefix: int | None = None, budget: int | None = None, buf: torch.Tensor | None = None) -> None:
     """Blocked ``softmax(scale q k^T + rel_h + rel_w [+ prefix-LM mask]) v`` written into ``out``.
 
     q: ``[S, heads, N, d]``; k, v: ``[S, kv_heads, N, d]`` (``heads % kv_heads == 0``, query head
@@ -122,7 +122,8 @@ def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: f
     rel_w ``[S, heads, N, w]`` (N = h * w, keys in row-major grid order), or both None for no bias.
     ``prefix``: the prefix-LM mask (rows i < p see keys j < p, rows i >= p keys j < p or j <= i), or
     None for none. ``out``: ``[S, heads, N, d]``, any strides (each block is copied into its view).
-    ``budget``: bias elements per block (default :func:`bias_budget`)."""
+    ``budget``: bias elements per block (default :func:`bias_budget`); ``buf``: a 1-D buffer of q's dtype
+    for the bias blocks to reuse (from an earlier call), allocated here when None or too small."""
     S, nh, N, _ = q.shape
     gqa = k.shape[1] != nh
     if rel_h is None:
@@ -142,7 +143,8 @@ def attention(q, k, v, rel_h, rel_w, h: int, w: int, out: torch.Tensor, scale: f
     if gqa:   # never in DeepEncoder (rel-pos is SAM's, GQA the causal flow's): plain repeated K/V
         k, v = (t.repeat_interleave(nh // t.shape[1], dim=1) for t in (k, v))
     seqs, heads, rows = plan(S, nh, N, budget)
-    buf = q.new_empty(seqs * heads * rows * N)
+    if buf is None or buf.numel() < seqs * heads * rows * N:
+        buf = q.new_empty(seqs * heads * rows * N)
     for s0 in range(0, S, seqs):
         s1 = min(S, s0 + seqs)
         for h0 in range(0, nh, heads):
@@ -255,12 +257,14 @@ def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: in
         per_block = plan(B * nwh * nww, num_heads, ws * ws, budget)[0]
         step = max(1, per_block // (B * nww))
         out = qkv.new_empty(B, H, W, num_heads, d)
+        seqs, heads, rows_ = plan(B * step * nww, num_heads, ws * ws, budget)
+        buf = qkv.new_empty(seqs * heads * rows_ * ws * ws, dtype=work)   # every chunk's bias blocks: one buffer
         for i in range(0, nwh, step):
             rows = (i, min(nwh, i + step))
             q, k, v = _windows(qkv, ws, pad_kv, num_heads, work, rows).unbind(0)
             o = torch.empty_like(q)
             rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, ws, ws, qkv.dtype)
-            attention(q, k, v, rel_h, rel_w, ws, ws, o, budget=budget)
+            attention(q, k, v, rel_h, rel_w, ws, ws, o, budget=budget, buf=buf)
             _unpartition(o, out, ws, rows)
         return out.view(B, H, W, num_heads * d)
     # one copy to head-major q, k, v (qkv may be strided in all but its last dim)
