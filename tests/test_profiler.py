@@ -261,3 +261,16 @@ def test_cli_profile_v2_prints_counted_flops(capsys):
     assert main(["profile", "--model", "v2", "--mode", "base", "--repeat", "0", "--quiet", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "DeepEncoder V2 (DeepSeek-OCR 2) profile: mode=base" in out and "total 1366.2 as upstream runs it" in out
+
+
+def test_counting_pass_leaves_no_fake_packing_behind():
+    """A Packing made while the counting pass runs on fake tensors is not cached: the timed passes
+    after it (and any later real run of that batch shape) build real device metadata."""
+    from deepencoder_kernels.modules import packing
+    from conftest import small_encoder_v2
+
+    packing._CACHE.clear()
+    profiler.profile("base", encoder=small_encoder_v2(), dtype=torch.float32, progress=False, repeat=0)
+    assert not packing._CACHE
+    real = packing.Packing.of_prefix_lm([256], "cpu")
+    assert real.cu_seqlens.tolist() == [0, 512] and real.prefix_lens.tolist() == [256]

@@ -5,6 +5,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 # Packings by (grids or lengths, device): the encoder builds one per batch from host ints, and a
 # batch seen before (a warm-up before CUDA-graph capture, a serving batch shape) reuses its device
@@ -24,7 +25,10 @@ def _cached(key, make):
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"no packing for {key[0]} on {device} was made before this CUDA graph capture: run the batch "
                            "once eagerly (a warm-up) or build its Packing before capturing")
-    value = _CACHE[key] = make()
+    value = make()
+    if isinstance(value.cu_seqlens, FakeTensor) or value.cu_seqlens.is_meta:
+        return value   # made in a counting pass (fake or meta tensors): holds no values for a real run
+    _CACHE[key] = value
     if len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
     return value
