@@ -225,6 +225,71 @@ def static_section(path: Path) -> list[str]:
     return out + table("kernel|case|config|target|dtype|registers>|spill B>|shared B>|tensor-core instr>", rows)
 
 
+def cpu_vs_upstream_section(path: Path) -> list[str]:
+    """benchmarks/bench_cpu.py: the package and accelerate()d upstream vs upstream on a CPU, per view and
+    stage, and the counted peaks of one block / attention call."""
+    m = json.loads(path.read_text())
+    out = [f"**CPU: this package vs upstream's code** ({m['device']}, {m['clock']}, {m['date']}, "
+           f"torch {m['torch']}; same weights, rounds interleaved, x = upstream's time / the variant's, median over rounds; "
+           f"attention computed in {', '.join(f'{k} -> {v}' for k, v in m['attention_compute_dtype'].items())}): "
+           f"`cd benchmarks && {m['command']}`", ""]
+    timed = [r for r in m["rows"] if "speedup" in r]
+    rows = [[r["case"], r["rounds"], f"{r['seconds']['upstream']:.2f}", f"{r['seconds']['package']:.2f}",
+             f"**{r['speedup']['package']:.2f}x**", f"{r['seconds']['accelerated']:.2f}", f"**{r['speedup']['accelerated']:.2f}x**",
+             f"{min(r['load_average']):.1f}..{max(r['load_average']):.1f}"] for r in timed]
+    out += table("case|rounds>|upstream s>|package s>|package x>|accelerated s>|accelerated x>|host load (1 min)>", rows)
+    for r in timed:
+        if "stage_seconds" in r:
+            out += ["", f"Stages of `{r['case']}` (s; x vs upstream):", ""]
+            st, sp = r["stage_seconds"], r["stage_speedup"]
+            out += table("stage|upstream s>|package s>|package x>|accelerated s>|accelerated x>",
+                         [[name, f"{st['upstream'][name]:.3f}", f"{st['package'][name]:.3f}", f"{sp['package'].get(name, 0):.2f}x",
+                           f"{st['accelerated'][name]:.3f}", f"{sp['accelerated'].get(name, 0):.2f}x"] for name in st["upstream"]])
+    ops = [r for r in m["rows"] if "speedup_vs_reference" in r]
+    if ops:
+        out += ["", "The packed varlen op as the encoders call it: upstream's computation (the `reference` backend: a dense "
+                "bias / mask per sequence, padded chunks) vs this CPU's auto backend:", ""]
+        out += table("case|backend|reference ms>|backend ms>|x>",
+                     [[r["case"], r["backend"], f"{r['seconds']['reference'] * 1e3:.1f}", f"{r['seconds'][r['backend']] * 1e3:.1f}",
+                       f"**{r['speedup_vs_reference']:.2f}x**"] for r in ops])
+    peaks = [r for r in m["rows"] if "peak_bytes" in r]
+    if peaks:
+        out += ["", "Peak activation bytes of one call (counted on fake tensors, `MemoryTracker`; batch 1):", ""]
+        out += table("case|upstream MiB>|package MiB>|accelerated MiB>|upstream / package>",
+                     [[r["case"].removesuffix("/peak bytes"), *(f"{r['peak_bytes'][v] / MiB:.0f}" for v in ("upstream", "package", "accelerated")),
+                       f"{r['peak_bytes']['upstream'] / r['peak_bytes']['package']:.1f}x"] for r in peaks])
+    return out
+
+
+def cpu_headline_rows() -> list[list[str]]:
+    """Headline rows of bench_cpu.py's results (one file per thread count): a Base view in fp32, a
+    global + windowed SAM block in bf16, the global attention's counted peak (its bias block grows
+    with the threads)."""
+    rows = []
+    for path in found("cpu_vs_upstream_*.json"):
+        m = json.loads(path.read_text())
+        on = f"{m['device']}, {m['clock']}, {m['date']}"
+        by = {r["case"]: r for r in m["rows"]}
+        view = by.get("base/float32/view")
+        if view:
+            rows.append(["DeepEncoder v1 on a CPU, one Base view, fp32 (same weights)",
+                         f"{view['seconds']['package']:.1f} s ({view['speedup']['package']:.2f}x); accelerate()d upstream "
+                         f"{view['seconds']['accelerated']:.1f} s ({view['speedup']['accelerated']:.2f}x)",
+                         f"upstream's code: {view['seconds']['upstream']:.1f} s", on])
+        blocks = [by.get(f"base/bfloat16/{kind} block") for kind in ("global", "windowed")]
+        if all(blocks):
+            rows.append(["CPU, one SAM global / windowed block at Base, bf16",
+                         " / ".join(f"{b['seconds']['package']:.2f} s ({b['speedup']['package']:.2f}x)" for b in blocks),
+                         "upstream's code: " + " / ".join(f"{b['seconds']['upstream']:.2f} s" for b in blocks), on])
+        peak = by.get("base/float32/global attention/peak bytes")
+        if peak:
+            b = peak["peak_bytes"]
+            rows.append([f"CPU, SAM global attention at Base (qkv, attention, proj): activation peak, fp32, {m['threads']} thread(s)",
+                         f"{b['package'] / MiB:.0f} MiB", f"upstream's dense bias: {b['upstream'] / MiB:.0f} MiB "
+                         f"({b['upstream'] / b['package']:.1f}x)", f"counted, {m['date']}"])
+    return rows
+
+
 # ---- the headline table (README and RESULTS.md) ------------------------------------------------------
 
 
@@ -337,6 +402,7 @@ def headline_rows() -> list[list[str]]:
                 rows.append([f"Mixed batch, SAM global attention: score bytes a dense attention would hold ({r['sequences']} views)",
                              f"{r['packed_score_bytes'] / 2**30:.1f} GiB packed", f"padded to the longest: {r['padded_score_bytes'] / 2**30:.1f} GiB "
                              f"({r['padded_score_bytes'] / r['packed_score_bytes']:.1f}x)", f"counted from shapes, {m['date']}"])
+    rows += cpu_headline_rows()
     for path in found("saccade_gather_*.json"):
         m = json.loads(path.read_text())
         for r in m["rows"]:
@@ -375,6 +441,8 @@ def full_results() -> list[str]:
         parts += packing_section(path) + [""]
     for path in found("saccade_gather_*.json"):
         parts += saccade_section(path) + [""]
+    for path in found("cpu_vs_upstream_*.json"):
+        parts += cpu_vs_upstream_section(path) + [""]
     gpu = [("end_to_end_*.json", "End to end on the GPU", "cd benchmarks && python bench_end_to_end.py"),
            ("packed_*.json", "Packed attention and encoder on the GPU", "cd benchmarks && python bench_packed.py"),
            ("causal_flow_*.json", "V2 causal-flow attention on the GPU", "cd benchmarks && python bench_causal_flow.py"),

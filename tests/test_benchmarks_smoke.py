@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import deepencoder_kernels as dk
-from conftest import small_encoder
+from conftest import assert_close, small_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -67,3 +67,31 @@ def test_causal_flow_deepseek_mask_is_the_prefix_lm_mask():
 
     allowed = reference.prefix_lm_allowed(8, 8, torch.tensor([4]))
     assert torch.equal(b.deepseek_mask(4, 2, torch.float32, "cpu"), reference.additive_mask(allowed, torch.float32).expand(2, 1, 8, 8))
+
+
+def test_cpu_benchmark_paths():
+    """bench_cpu.py's upstream-structured model on a narrow package encoder's parameter tensors gives the
+    package's output, and one round of each timed path runs (views, blocks, counted peaks, varlen ops)."""
+    import torch
+
+    import bench_cpu
+
+    enc = small_encoder()
+    sizes = dict(sam=dict(dim=64, depth=3, num_heads=1, window_size=14, global_blocks=(1,), pos_grid=64, cn=16, c3=32),
+                 clip=dict(dim=32, depth=1, heads=2, hidden=64), projector=(64, 24))
+    up = bench_cpu.upstream_sharing(enc, sizes)
+    assert all(p is q for p, q in zip(up.parameters(), enc.parameters()))
+    pixels = torch.rand(1, 3, 160, 160) * 2 - 1      # a 10 x 10 trunk grid: windows padded, tables resized
+    with torch.inference_mode():
+        assert_close(up(pixels), enc.encode_pixels(pixels))
+    clock = bench_cpu.Clock(cpu=False)
+    for variant in bench_cpu.VARIANTS:
+        total, stages = bench_cpu.run_view(variant, enc, up, pixels, clock)
+        assert total > 0 and set(stages) == set(bench_cpu.STAGES) and all(t > 0 for t in stages.values()), (variant, stages)
+        assert bench_cpu.run_block(variant, enc, up, torch.randn(1, 10, 10, 64), 1, clock) > 0
+    peaks = bench_cpu.block_peaks(enc, up, 10, 1, torch.float32, "attention")
+    assert set(peaks) == set(bench_cpu.VARIANTS) and all(b > 0 for b in peaks.values())
+    g = torch.Generator().manual_seed(0)
+    rows = bench_cpu.run_varlen(clock, 1, torch.float32, g, lambda *a: None, cases=lambda dtype, g: {
+        "tiny": ((torch.randn(9, 2, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16), torch.tensor([0, 4, 9], dtype=torch.int32), 5), {})})
+    assert rows[0]["backend"] == "sdpa-blocked" and rows[0]["speedup_vs_reference"] > 0

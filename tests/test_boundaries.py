@@ -172,7 +172,7 @@ def _compress_args(dtype, cin=4, cn=8, c2=4, c3=4, side=3):
 
 # ---- the layout fuzz: every op, every backend here ---------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference", "triton-interpret"])
+@pytest.mark.parametrize("backend", ["reference", "triton-interpret", "sdpa-blocked"])
 def test_rel_pos_attention_layouts(backend):
     heads, d = 1, 16
     qkv = torch.randn(2, 3, 3, 3 * heads * d) * 0.5
@@ -186,7 +186,7 @@ def test_compress_layouts(backend):
     _check_layouts(_on(backend, "compress"), args, range(9), exact=backend != "reference", singles=False)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton-interpret"])
+@pytest.mark.parametrize("backend", ["reference", "triton-interpret", "sdpa-blocked"])
 @pytest.mark.parametrize("lengths", [[3, 0, 4], [1]])
 def test_varlen_attention_layouts(backend, lengths):
     total, heads, d = sum(lengths), 2, 16
@@ -202,15 +202,16 @@ def test_varlen_attention_layouts(backend, lengths):
                    layouts={n: LAYOUTS[n] for n in ("strided", "offset", "transposed")})
 
 
-def test_varlen_attention_bias_layouts():
+@pytest.mark.parametrize("backend", ["triton-interpret", "sdpa-blocked"])
+def test_varlen_attention_bias_layouts(backend):
     lengths, d = [4, 6], 16
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     q, k, v = (torch.randn(10, 1, d) for _ in range(3))
     grid = torch.tensor([[2, 2], [2, 3]], dtype=torch.int32)
     args = [q, k, v, cu, 6, None, torch.randn(5, d) * 0.3, torch.randn(5, d) * 0.3, grid]
-    _check_layouts(lambda a: _fused("varlen_attention", a), args, (0, 6, 7), exact=True,
+    _check_layouts(_on(backend, "varlen_attention"), args, (0, 6, 7), exact=True,
                    layouts={n: LAYOUTS[n] for n in ("strided", "rows", "expanded", "negated")})
-    _check_layouts(lambda a: _fused("varlen_attention", a), args, (3, 8), exact=True,
+    _check_layouts(_on(backend, "varlen_attention"), args, (3, 8), exact=True,
                    layouts={n: LAYOUTS[n] for n in ("strided", "offset", "transposed")})
 
 

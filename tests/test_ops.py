@@ -119,7 +119,7 @@ def test_dispatch_records_and_explains():
     dk.clear_last_backends()
     ops.rel_pos_attention(**_attn_args())
     choice = dk.last_backends()["rel_pos_attention"]
-    assert choice.backend == "reference"
+    assert choice.backend == "sdpa-blocked"   # auto on CPU: the blocked SDPA before the reference
     with dk.backend("reference"):
         assert dispatch.requested_kind() == "reference"
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+import deepencoder_kernels as dk
+
 from deepencoder_kernels import profiler
 from deepencoder_kernels.modules import DeepEncoder
 from conftest import small_encoder
@@ -62,9 +64,10 @@ def test_memory_tracker_follows_storages():
 
 def test_profile_small_encoder_report_json_plot(tmp_path):
     p = profiler.profile("tiny", encoder=small_encoder(), dtype=torch.float32, progress=False)
-    assert p.output_tokens == 73 and p.backends["rel_pos_attention"] == "reference"
+    assert p.output_tokens == 73 and p.backends["rel_pos_attention"] == "sdpa-blocked"
     glob = p.stage("global blocks")
-    assert glob.calls == 1 and glob.largest_tensor_bytes >= 1024 * 1024 * 4   # the dense [1, 1, 1024, 1024] bias
+    # one head of a 32 x 32 grid: the blocked backend's bias block is the whole [1, 1, 1024, 1024] bias
+    assert glob.calls == 1 and glob.largest_tensor_bytes >= 1024 * 1024 * 4
     assert all(s.seconds > 0 and s.flops > 0 for s in p.stages)
     text = profiler.format_report(p)
     assert "windowed blocks" in text and "SAM uses 8x8 windows" in text
@@ -126,11 +129,17 @@ def test_counting_pass_full_size_matches_the_checked_flops():
     """The CLI's counting pass (fake CPU tensors, bf16, full size) gives the FLOPs the meta test checks."""
     with torch.device("meta"):
         structure = DeepEncoder()
-    p = profiler.profile("base", encoder=structure, device="cpu", repeat=0, progress=False)
     meta = meta_profile("base")
+    with dk.backend("reference"):   # upstream's computation: the dense bias
+        p = profiler.profile("base", encoder=structure, device="cpu", repeat=0, progress=False)
     assert {s.name: s.flops for s in p.stages} == {s.name: s.flops for s in meta.stages}
     assert p.total_flops / G == pytest.approx(1109.6, abs=0.1)
     assert p.stage("global blocks").largest_tensor_bytes == 12 * 4096 * 4096 * 2   # the bf16 dense rel-pos bias
+    # auto on a CPU: sdpa-blocked, the same FLOPs, the bias one block at a time (its size: threads, compute dtype)
+    auto = profiler.profile("base", encoder=structure, device="cpu", repeat=0, progress=False)
+    assert auto.backends["rel_pos_attention"] == "sdpa-blocked"
+    assert {s.name: s.flops for s in auto.stages} == {s.name: s.flops for s in meta.stages}
+    assert auto.stage("global blocks").largest_tensor_bytes < 12 * 4096 * 4096 * 2
 
 
 def test_timing_passes_repeat_batch_and_views_per_second():

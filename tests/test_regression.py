@@ -72,3 +72,25 @@ def test_gpu_figures_compare_on_the_same_device_only(baseline, monkeypatch):
     assert any("0.100 -> 0.500 ms" in p for p in regression.compare(current, base))
     monkeypatch.setattr(regression, "_gpu_name", lambda: "NVIDIA A100-SXM4-80GB")   # another device: not compared
     assert regression.compare(current, base) == []
+
+
+def test_upstream_attention_stand_in_is_upstream_math():
+    """The gate's upstream attention (sam_vary_sdpa.py's order of operations) computes what the reference does."""
+    import torch
+    from deepencoder_kernels import reference as ref
+
+    torch.manual_seed(0)
+    for window, (H, W) in ((0, (6, 6)), (4, (6, 5)), (3, (6, 6))):   # tables of 2 * side - 1 rows (no resize)
+        qkv = torch.randn(2, H, W, 3 * 2 * 16)
+        rows = 2 * (window or H) - 1
+        th, tw, pad = torch.randn(rows, 16), torch.randn(rows, 16), torch.randn(3 * 2 * 16)
+        want = ref.rel_pos_attention(qkv, th, tw, 2, window, pad if window else None)
+        got = regression._upstream_rel_pos_attention(qkv, th, tw, 2, window, pad)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_cpu_slower_than_upstream_fails_the_gate(baseline):
+    current = copy.deepcopy(baseline)
+    case = next(iter(baseline["cpu_vs_upstream"]))
+    current["cpu_vs_upstream"][case] = 0.95          # any ratio below 1x: slower than the code it replaces
+    assert any(p.startswith(f"cpu_vs_upstream {case}:") and "gate" in p for p in regression.compare(current, baseline))

@@ -7,7 +7,14 @@ and asyncio task) or the ``DEEPENCODER_KERNELS_BACKEND`` environment variable (d
 
 Kinds: ``reference`` (plain PyTorch, anywhere), ``triton`` (compiled kernels, CUDA tensors),
 ``triton-interpret`` (the same kernels through Triton's CPU interpreter, for tests), ``cpp``
-(the C++ extension; CPU, or CUDA when built with CUDA), ``auto`` (the fastest usable one).
+(the C++ extension; CPU, or CUDA when built with CUDA), ``sdpa-blocked`` (CPU attention through
+torch's SDPA one block of query rows at a time: no dense rel-pos bias or prefix-LM mask, see
+``ops/_sdpa_blocked.py``), ``auto`` (the fastest usable one, in :data:`AUTO_ORDER`).
+
+Each backend also says whether it beats upstream's own PyTorch code for its op on its devices
+(:attr:`Backend.faster_than_upstream`: every backend but the reference unless it declares otherwise,
+from measurements); :func:`faster_than_upstream` asks it of the backend a call would run, and
+``accelerate()`` reads it to leave a part on its original forward where nothing faster exists.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from typing import Callable, Iterable
 
 import torch
 
-KINDS = ("auto", "reference", "triton", "triton-interpret", "cpp")
+KINDS = ("auto", "reference", "triton", "triton-interpret", "cpp", "sdpa-blocked")
 ENV_VAR = "DEEPENCODER_KERNELS_BACKEND"
 
 
@@ -38,6 +45,15 @@ class Backend:
     custom_op: bool = True                     # False: traced as plain torch ops (the reference)
     accepts: Callable[..., str | None] | None = None    # input-dependent limits: args -> reason or None
     differentiable: bool = False               # its custom op has a backward; else autograd -> reference
+    # Beats upstream's plain-PyTorch code for this op on its devices: a bool, or a callable
+    # ``(device, dtype) -> bool``. Default (None): every backend but the reference (which reproduces
+    # upstream's math, so never beats it); a backend declares False where measurements say otherwise.
+    # accelerate() reads it to keep a part's original forward where nothing faster exists.
+    faster_than_upstream: bool | Callable[[torch.device, torch.dtype], bool] | None = None
+
+    def __post_init__(self):
+        if self.faster_than_upstream is None:
+            object.__setattr__(self, "faster_than_upstream", self.name != "reference")
 
     def reasons(self, device: torch.device, dtype: torch.dtype, args: tuple | None = None) -> list[str]:
         out = []
@@ -51,6 +67,11 @@ class Backend:
             if reason:
                 out.append(reason)
         return out
+
+    def beats_upstream(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """:attr:`faster_than_upstream` on ``device`` for ``dtype``."""
+        flag = self.faster_than_upstream
+        return bool(flag(device, dtype)) if callable(flag) else bool(flag)
 
 
 @dataclass
@@ -101,8 +122,8 @@ def requested_kind() -> str:
 
 @contextlib.contextmanager
 def backend(kind: str):
-    """Run the ops inside the block on ``kind`` (``auto``, ``reference``, ``triton``,
-    ``triton-interpret`` or ``cpp``); an op that cannot run there raises, listing the reasons."""
+    """Run the ops inside the block on ``kind`` (one of :data:`KINDS`); an op that cannot run there
+    raises, listing the reasons."""
     if kind not in KINDS:
         raise ValueError(f"backend must be one of {KINDS}, got {kind!r}")
     token = _REQUESTED.set(kind)
@@ -117,24 +138,43 @@ def backend(kind: str):
 # Order in which ``auto`` tries backends on each device: fused first, the oracle last.
 AUTO_ORDER = {
     "cuda": ("triton", "cpp", "reference"),  # triton-interpret only when asked: it is slow
-    "cpu": ("cpp", "reference"),
+    "cpu": ("cpp", "sdpa-blocked", "reference"),
 }
+
+
+def _choose(op: str, device: torch.device, dtype: torch.dtype, args: tuple | None, kind: str):
+    """(the first backend of ``kind``'s order with no reason against it or None, refusals so far)."""
+    order = AUTO_ORDER.get(device.type, ("reference",)) if kind == "auto" else (kind,)
+    refused: dict[str, list[str]] = {}
+    for name in order:
+        for b in _REGISTRY.get(op, []):
+            if b.name != name:
+                continue
+            reasons = b.reasons(device, dtype, args)
+            if not reasons:
+                return b, refused
+            refused[b.name] = reasons
+    return None, refused
+
+
+def faster_than_upstream(op: str, device: torch.device | str, dtype: torch.dtype, args: tuple | None = None) -> bool:
+    """Whether the backend that ``op`` would run on now (the requested kind, ``device``, ``dtype``
+    and, given its validated ``args``, their input-dependent limits) beats upstream's own code for
+    it (:attr:`Backend.faster_than_upstream`). False when no backend can run it. For inference: under
+    autograd a forward-only backend hands the call to the reference. Records nothing."""
+    device = torch.device(device)
+    chosen, _ = _choose(op, device, dtype, args, requested_kind())
+    return chosen is not None and chosen.beats_upstream(device, dtype)
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, args: tuple | None = None) -> Backend:
     kind = requested_kind()
     candidates = _REGISTRY.get(op, [])
     order = AUTO_ORDER.get(device.type, ("reference",)) if kind == "auto" else (kind,)
-    refused: dict[str, list[str]] = {}
-    for name in order:
-        for b in candidates:
-            if b.name != name:
-                continue
-            reasons = b.reasons(device, dtype, args)
-            if not reasons:
-                record(op, b.name, refused)
-                return b
-            refused[b.name] = reasons
+    chosen, refused = _choose(op, device, dtype, args, kind)
+    if chosen is not None:
+        record(op, chosen.name, refused)
+        return chosen
     for b in candidates:
         if b.name not in order:
             refused.setdefault(b.name, ["not requested" if kind != "auto" else "not tried on this device"])

@@ -7,6 +7,12 @@ a CPU, compared against a committed baseline with a readable diff.
   itself) at reduced shapes. Exact: any growth fails;
 - ``cpu_speedup``: the C++ saccade op vs ``torch.topk`` + ``torch.gather``, timed side by side;
   noisy on shared machines, so it fails only below ``margin`` x the baseline (or below 1x);
+- ``cpu_vs_upstream``: the CPU attention backend (``sdpa-blocked``) vs upstream's own attention code
+  (DeepSeek's ``sam_vary_sdpa.py`` op order: padded windows, reshape-copied q/k/v, two einsums, the
+  dense bias, SDPA), a Base global and windowed block's attention, fp32 and bf16, one intra-op thread
+  and the thread's CPU time (steady on a loaded machine); gated as ``cpu_speedup`` (never below 1x:
+  the package's CPU path must not be slower than the code it replaces). Whole views:
+  ``benchmarks/bench_cpu.py``;
 - ``gpu``: figures per device name, compared only against the same device.
 The static kernel report (registers, spills, shared memory, tensor cores) has its own gate
 (``deepencoder-kernels static-report --check``); CI runs both.
@@ -73,6 +79,7 @@ def allocated_per_op() -> dict:
         th, tw, pad = rnd(rows, d), rnd(rows, d), rnd(3 * C) if window else None
         out[f"rel_pos_attention/reference/base/{block}"] = _allocated(
             lambda: ref.rel_pos_attention(qkv, th, tw, cfg.SAM_HEADS, window, pad))
+    out.update(_blocked_allocations())
     x = rnd(1, side, side, C)
     neck = [rnd(256, C, 1, 1), rnd(256), rnd(256), rnd(256, 256, 3, 3), rnd(256), rnd(256), rnd(512, 256, 3, 3), rnd(1024, 512, 3, 3)]
     out["compress/reference/base"] = _allocated(lambda: ref.compress(x, *neck))
@@ -88,6 +95,22 @@ def allocated_per_op() -> dict:
         out["saccade_gather/cpp/8x4096x768"] = _allocated(lambda: saccade._saccade_gather_cpp(s, f, k, None, False))
     if dispatch.triton_interpret_mode():
         out.update(_fused_allocations(rnd))
+    return out
+
+
+def _blocked_allocations() -> dict:
+    """The CPU attention backend's bytes at Base, fp32 (its compute dtype everywhere), the default bias
+    block (not the thread-scaled one), counted on fake tensors (exact, nothing computed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    blocked = importlib.import_module("deepencoder_kernels.ops._sdpa_blocked")
+    side, C, d = cfg.sam_grid(1024), cfg.SAM_DIM, cfg.HEAD_DIM
+    out = {}
+    for block, window, rows in (("windowed", cfg.SAM_WINDOW, 27), ("global", 0, 127)):
+        with FakeTensorMode():
+            qkv, th, tw, pad = torch.empty(1, side, side, 3 * C), torch.empty(rows, d), torch.empty(rows, d), torch.empty(3 * C)
+            out[f"rel_pos_attention/sdpa-blocked/base/{block}"] = _allocated(lambda: blocked.rel_pos_attention(
+                qkv, th, tw, cfg.SAM_HEADS, window, pad if window else None, budget=blocked.BIAS_BLOCK_ELEMENTS))
     return out
 
 
@@ -127,22 +150,87 @@ def cpu_speedups(repeats: int = 31) -> dict:
     return out
 
 
-def speedup(ours, theirs, repeats: int) -> float:
-    """Median over interleaved pairs of (their time / our time)."""
+def speedup(ours, theirs, repeats: int, clock=time.perf_counter) -> float:
+    """Median over interleaved pairs of (their time / our time), timed with ``clock``."""
     ours(), theirs()
     ratios = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         ours()
-        t1 = time.perf_counter()
+        t1 = clock()
         theirs()
-        t2 = time.perf_counter()
+        t2 = clock()
         ratios.append((t2 - t1) / (t1 - t0))
     return statistics.median(ratios)
 
 
+def _upstream_rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window: int, pad_kv):
+    """Upstream SAM attention between its qkv and proj Linears, in the order of operations of DeepSeek's
+    ``sam_vary_sdpa.py`` (written to its structure, independent of the package's reference): windows
+    padded and cut with a contiguous copy (padded tokens' qkv = the qkv bias, as a zero-padded normed
+    token gives), q/k/v reshape-copied per head, the tables looked up, two einsums reshaped to
+    [.., N, h, 1] and [.., N, 1, w], their broadcast sum as the dense mask of SDPA."""
+    B, H, W, C3 = qkv.shape
+    if window:
+        Hp, Wp = -(-H // window) * window, -(-W // window) * window
+        padded = pad_kv.expand(B, Hp, Wp, C3).clone()
+        padded[:, :H, :W] = qkv
+        qkv = padded.view(B, Hp // window, window, Wp // window, window, C3).permute(0, 1, 3, 2, 4, 5)
+        qkv = qkv.contiguous().view(-1, window, window, C3)
+    S, h, w, _ = qkv.shape
+    n = h * w
+    q, k, v = qkv.reshape(S, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4).reshape(3, S * num_heads, n, -1).unbind(0)
+
+    def lookup(size, table):   # tables as the checkpoint has them for these grids: no resize
+        if table.shape[0] != 2 * size - 1:
+            raise ValueError(f"a rel-pos table of {table.shape[0]} rows for a side of {size}: expected {2 * size - 1}")
+        coords = torch.arange(size)
+        return table[coords[:, None] - coords[None, :] + size - 1]
+    r_q = q.reshape(S * num_heads, h, w, -1)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, lookup(h, rel_pos_h)).unsqueeze(-1).reshape(S * num_heads, n, h, 1)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, lookup(w, rel_pos_w)).unsqueeze(-2).reshape(S * num_heads, n, 1, w)
+    bias = (rel_h + rel_w).view(S, num_heads, n, n)
+    q, k, v = (t.view(S, num_heads, n, -1) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = out.view(S, num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(S, h, w, -1)
+    if window:
+        out = out.view(B, Hp // window, Wp // window, window, window, -1).permute(0, 1, 3, 2, 4, 5)
+        out = out.contiguous().view(B, Hp, Wp, -1)[:, :H, :W].contiguous()
+    return out
+
+
+def cpu_vs_upstream(repeats: int = 3) -> dict:
+    """Upstream's attention time / the op's on its CPU auto backend, median of interleaved pairs, one
+    intra-op thread, thread CPU time: a Base global and windowed block, fp32 and bf16 (seeded inputs
+    at the checkpoint's shapes: tables of 127 / 27 rows, the qkv bias as pad_kv)."""
+    from . import ops
+
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        side, C, d = cfg.sam_grid(1024), cfg.SAM_DIM, cfg.HEAD_DIM
+        qkv32 = torch.randn(1, side, side, 3 * C, generator=g) * 0.5
+        for dtype in (torch.float32, torch.bfloat16):
+            qkv = qkv32.to(dtype)
+            for block, window, rows in (("global", 0, 2 * cfg.SAM_POS_GRID - 1), ("windowed", cfg.SAM_WINDOW, 2 * cfg.SAM_WINDOW - 1)):
+                th, tw = ((torch.randn(rows, d, generator=g) * 0.3).to(dtype) for _ in range(2))
+                pad = (torch.randn(3 * C, generator=g) * 0.5).to(dtype)
+                ours = lambda: ops.rel_pos_attention(qkv, th, tw, cfg.SAM_HEADS, window, pad if window else None)  # noqa: E731
+                theirs = lambda: _upstream_rel_pos_attention(qkv, th, tw, cfg.SAM_HEADS, window, pad)  # noqa: E731
+                with torch.inference_mode():
+                    name = str(dtype).replace("torch.", "")
+                    out[f"rel_pos_attention/base/{block}/{name}"] = speedup(
+                        ours, theirs, repeats if block == "global" else 3 * repeats, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def collect() -> dict:
-    return {"flops": flops_per_stage(), "allocated": allocated_per_op(), "cpu_speedup": cpu_speedups(), "gpu": {}}
+    return {"flops": flops_per_stage(), "allocated": allocated_per_op(), "cpu_speedup": cpu_speedups(),
+            "cpu_vs_upstream": cpu_vs_upstream(), "gpu": {}}
 
 
 def compare(current: dict, baseline: dict, margin: float = SPEEDUP_MARGIN) -> list[str]:
@@ -161,12 +249,13 @@ def compare(current: dict, baseline: dict, margin: float = SPEEDUP_MARGIN) -> li
             problems.append(f"allocated {case}: no longer measured")
         elif got > want:
             problems.append(f"allocated {case}: {want:,} -> {got:,} bytes (+{(got - want) / want:.1%})")
-    for case, want in baseline.get("cpu_speedup", {}).items():
-        got = current.get("cpu_speedup", {}).get(case)
-        if got is None:
-            problems.append(f"cpu_speedup {case}: no longer measured")
-        elif got < max(1.0, want * margin):
-            problems.append(f"cpu_speedup {case}: {want:.2f}x -> {got:.2f}x (gate: >= max(1, {margin:g} x baseline))")
+    for section in ("cpu_speedup", "cpu_vs_upstream"):
+        for case, want in baseline.get(section, {}).items():
+            got = current.get(section, {}).get(case)
+            if got is None:
+                problems.append(f"{section} {case}: no longer measured")
+            elif got < max(1.0, want * margin):
+                problems.append(f"{section} {case}: {want:.2f}x -> {got:.2f}x (gate: >= max(1, {margin:g} x baseline))")
     device = _gpu_name()
     for case, want in baseline.get("gpu", {}).get(device, {}).items() if device else ():
         got = current.get("gpu", {}).get(device, {}).get(case)
@@ -188,7 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--write", help="write the current figures as the baseline")
     args = ap.parse_args(argv)
     current = collect()
-    for section in ("allocated", "cpu_speedup"):
+    for section in ("allocated", "cpu_speedup", "cpu_vs_upstream"):
         for case, value in current[section].items():
             print(f"{section:<12} {case:<48} {value:,.2f}" if isinstance(value, float) else f"{section:<12} {case:<48} {value:,}")
     if args.write:

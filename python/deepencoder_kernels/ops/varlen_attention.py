@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch, reference
+from . import _sdpa_blocked
 from ._common import (FLOAT_DTYPES, LIBRARY, REFERENCE_DEVICES, TRITON_INTERPRET, capturing, check_cu_seqlens, check_int, check_shape, check_tensor,
                       derived, impl_of, kernel_layout, needs_grad, run, triton_backends)
 
@@ -199,6 +200,22 @@ def _flop_formula(q_shape, k_shape, v_shape, cu_shape, max_seqlen, *args, **kwar
 
 
 dispatch.register(OP, dispatch.Backend("reference", _reference, REFERENCE_DEVICES, FLOAT_DTYPES, custom_op=False))
+
+
+# CPU: every sequence alone through SDPA (no padding to the longest), the rel-pos bias one block of rows
+# at a time, the prefix-LM mask only over the query rows (ops/_sdpa_blocked.py). Forward only. Faster than
+# upstream's code on rel-pos and prefix-LM calls and mixed lengths (benchmarks/bench_cpu.py: 1.4x, 2.3x,
+# 3.6x, fp32, one thread); a plain equal-length call (upstream CLIP's) is the same single SDPA call: parity.
+def _blocked_accepts(q, k, v, cu_seqlens, *rest):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(cu_seqlens, FakeTensor):   # e.g. a Packing cached by a counting pass, used in a real one
+        return "cu_seqlens is a fake tensor: sdpa-blocked reads its values on the host"
+    return None
+
+
+dispatch.register(OP, dispatch.Backend("sdpa-blocked", _sdpa_blocked.varlen_attention, ("cpu",), FLOAT_DTYPES,
+                                       accepts=_blocked_accepts, faster_than_upstream=True))
 
 
 # ---- fused Triton backend --------------------------------------------------------------------
