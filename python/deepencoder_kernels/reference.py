@@ -87,8 +87,10 @@ def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tens
     Rh = rel_pos_lookup(h, rel_pos_h).to(q.dtype)
     Rw = rel_pos_lookup(w, rel_pos_w).to(q.dtype)
     r_q = q.reshape(S * nh, h, w, d)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)  # [S*nh, h, w, h]
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)  # [S*nh, h, w, w]
+    # contiguous einsum outputs (upstream's reshape makes them so): the broadcast sum then comes out
+    # contiguous and the final reshape is a view, not a second copy of the N x N bias
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).contiguous()  # [S*nh, h, w, h]
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).contiguous()  # [S*nh, h, w, w]
     bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
     return bias.reshape(S, nh, N, N)
 
@@ -114,7 +116,8 @@ def rel_pos_attention(qkv, rel_pos_h, rel_pos_w, num_heads: int, window_size: in
     else:
         seqs, h, w = qkv, H, W
     S = seqs.shape[0]
-    q, k, v = seqs.reshape(S, h * w, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    # q, k, v contiguous as upstream's reshape leaves them (SDPA runs faster on them; same values)
+    q, k, v = seqs.reshape(S, h * w, 3, num_heads, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
     bias = rel_pos_bias(q, rel_pos_h, rel_pos_w, h, w)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(d), bias after
     out = out.permute(0, 2, 1, 3).reshape(S, h, w, C)
