@@ -147,7 +147,12 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.deepencoder_kernels.compress, (*c.values(), 1e-6, "reference"))
     v = _varlen_args()
     torch.library.opcheck(torch.ops.deepencoder_kernels.varlen_attention,
-                          (v["q"], v["k"], v["v"], v["cu_seqlens"], 6, None, None, None, None, 0, "reference"))
+                          (v["q"], v["k"], v["v"], v["cu_seqlens"], 6, None, None, None, None, 0, None, None, None, "reference"))
+    kv = torch.randn(10, 1, 8)   # GQA 2:1, the prefix-LM mask and RoPE (DeepEncoder V2's causal flow)
+    cos, sin = torch.randn(6, 8), torch.randn(6, 8)
+    torch.library.opcheck(torch.ops.deepencoder_kernels.varlen_attention,
+                          (v["q"], kv, kv.clone(), v["cu_seqlens"], 6, None, None, None, None, 0,
+                           torch.tensor([2, 3], dtype=torch.int32), cos, sin, "reference"))
     torch.library.opcheck(torch.ops.deepencoder_kernels.saccade_gather,
                           (torch.randn(2, 8), torch.randn(2, 8, 4), torch.tensor([3, 1]), None, False, -1, "reference"),
                           test_utils=("test_schema", "test_autograd_registration"))
