@@ -80,22 +80,25 @@ def test_causal_flow_is_prefix_lm_and_restores(variant, tokens):
 
 
 def test_deepseek_code_is_corrected_even_where_nothing_is_faster():
-    """Under 'auto' on this CPU the SAM parts keep their original forward (no faster path), but the
-    correction runs the op: DeepSeek's code gives the prefix-LM result."""
+    """Under 'auto' on this CPU the compressor keeps its original forward (no faster path), the attentions run
+    the faster-than-upstream CPU backend, and the correction makes DeepSeek's code give the prefix-LM result."""
     deepseek, vllm = pair()
     with torch.no_grad():
         oracle = vllm(PIXELS[4])
     report = dk.accelerate(deepseek)
-    assert "causal flow" not in " ".join(report.original_here) and "3 sam block" in report.original_here[0]
-    with torch.no_grad():
-        got = deepseek(PIXELS[4])
-    assert set(dk.last_backends()) == {"varlen_attention"}
-    assert_close(got, oracle, torch.float32)
-    dk.accelerate(vllm)   # vLLM's port is right already: on this CPU it keeps its own code
+    (why,) = report.original_here
+    assert "no compress faster" in why and "1 sam encoder" in why and "causal flow" not in why
     dispatch.clear_last_backends()
     with torch.no_grad():
-        assert torch.equal(vllm(PIXELS[4]), oracle)
-    assert dk.last_backends() == {}
+        got = deepseek(PIXELS[4])
+    assert {op: c.backend for op, c in dk.last_backends().items()} == {
+        "rel_pos_attention": "sdpa-blocked", "varlen_attention": "sdpa-blocked"}
+    assert_close(got, oracle, torch.float32)
+    dk.accelerate(vllm)   # vLLM's port is right already: it runs the same ops and keeps the same answer
+    dispatch.clear_last_backends()
+    with torch.no_grad():
+        assert_close(vllm(PIXELS[4]), oracle, torch.float32)
+    assert {c.backend for c in dk.last_backends().values()} == {"sdpa-blocked"}
 
 
 def test_causal_flow_on_the_fused_kernel():

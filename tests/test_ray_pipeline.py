@@ -183,7 +183,7 @@ def test_command_line_passes_the_options_through(monkeypatch, tmp_path, capsys):
                         shard_pages=256, batch_size=4, concurrency=2, num_gpus=0.5, device=None, dtype="auto",
                         backend="reference", max_crops=6, ray_address=None, progress=False,
                         object_store_limit=512 * 2**20, recursive=False, password=None, alpha="white",
-                        max_pixels=dkray.MAX_PIXELS)
+                        max_pixels=dkray.MAX_PIXELS, model="v1")
 
 
 def test_encode_verb_with_ray_runs_the_pipeline_with_its_arguments(monkeypatch, tmp_path, capsys):
