@@ -19,9 +19,11 @@ from conftest import assert_close
 
 
 def train_step(model, pixels, target):
-    loss = (model(pixels.to(model.pos_embed.dtype)).float() * target).sum()
+    terms = model(pixels.to(model.pos_embed.dtype)).float() * target
+    loss = terms.sum()
     loss.backward()
-    return loss.detach(), {name: p.grad.float() for name, p in model.named_parameters()}
+    # the loss and its cancellation-free size (sum of |terms|): errors are measured against the latter
+    return (loss.detach(), terms.detach().abs().sum()), {name: p.grad.float() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -37,15 +39,23 @@ def test_sam_and_compressor_train_on_the_fused_backends(dtype):
     target = torch.randn(1, 1024, 3, 3)
 
     with dk.backend("reference"):
-        want_loss, truth = train_step(copy.deepcopy(sam), pixels, target)           # fp32 autograd: the truth
-        same_dtype = train_step(copy.deepcopy(sam).to(dtype), pixels, target)[1] if dtype != torch.float32 else None
+        (want_loss, loss_size), truth = train_step(copy.deepcopy(sam), pixels, target)   # fp32 autograd: the truth
+        same_loss, same_dtype = (train_step(copy.deepcopy(sam).to(dtype), pixels, target)
+                                 if dtype != torch.float32 else ((None, None), None))
     dk.clear_last_backends()
     with dk.backend("triton-interpret"):
-        got_loss, got = train_step(copy.deepcopy(sam).to(dtype), pixels, target)
+        (got_loss, _), got = train_step(copy.deepcopy(sam).to(dtype), pixels, target)
     used = {op: c.backend for op, c in dk.last_backends().items()}
     assert used == {"rel_pos_attention": "triton-interpret", "compress": "triton-interpret"}, used
-    assert_close(got_loss, want_loss, dtype, msg="loss")
     atol, _ = TOLERANCES[dtype]
+    if dtype == torch.float32:
+        assert_close(got_loss, want_loss, dtype, msg="loss")
+    else:
+        # the loss sums 9216 signed terms: in bf16 its error is that of the terms (~1e-2 of their size),
+        # not of the sum; the same FlashAttention rule as the gradients, against the sum of |terms|
+        err_fused = (got_loss - want_loss).abs().item() / loss_size.item()
+        err_same_dtype = (same_loss[0] - want_loss).abs().item() / loss_size.item()
+        assert err_fused <= 2 * err_same_dtype + atol / 4, f"loss: {err_fused:.3g} vs {dtype} reference {err_same_dtype:.3g}"
     for name, want in truth.items():
         scale = max(1e-6, want.abs().max().item())   # errors relative to each gradient's size
         if dtype == torch.float32:
