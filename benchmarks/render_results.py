@@ -374,20 +374,15 @@ def headline_rows() -> list[list[str]]:
     gpu("Mixed batch of 42 views (Tiny..Gundam), packed vs one image at a time", "the per-image loop",
         from_rows("packed_*.json", lambda r: r.get("kind", "").startswith("encoder"), "packed batch"))
     on = lambda m: f"{m['device']}, {m['date']}"  # noqa: E731
-    for path in found("attention_memory_*.json"):
-        m = json.loads(path.read_text())
-        for r in m["rows"]:
-            if r["mode"] == "base" and r["block"] == "global":
-                rows.append(["SAM global attention at Base: activation peak (bf16, batch 1)", f"{r['fused_peak_bytes'] / MiB:.1f} MiB",
-                             f"dense-bias reference: {r['reference_peak_bytes'] / MiB:.1f} MiB "
-                             f"({r['reference_peak_bytes'] / r['fused_peak_bytes']:.0f}x)", on(m)])
-    for path in found("attention_training_memory_*.json"):
-        m = json.loads(path.read_text())
-        for r in m["rows"]:
-            if r["mode"] == "base" and r["block"] == "global":
-                rows.append(["SAM global attention at Base: saved for backward (bf16, batch 1)", f"{r['fused_saved_bytes'] / MiB:.1f} MiB",
-                             f"dense-bias reference: {r['reference_saved_bytes'] / MiB:.1f} MiB "
-                             f"({r['reference_saved_bytes'] / r['fused_saved_bytes']:.0f}x)", on(m)])
+    for pattern, what, key in (("attention_memory_*.json", "activation peak", "peak"),
+                               ("attention_training_memory_*.json", "saved for backward", "saved")):
+        for path in found(pattern):
+            m = json.loads(path.read_text())
+            for r in m["rows"]:
+                if r["mode"] == "base" and r["block"] == "global":
+                    fused, ref = r[f"fused_{key}_bytes"], r[f"reference_{key}_bytes"]
+                    rows.append([f"SAM global attention at Base: {what} (bf16, batch 1)", f"{fused / MiB:.1f} MiB",
+                                 f"dense-bias reference: {ref / MiB:.1f} MiB ({ref / fused:.0f}x)", on(m)])
     for path in found("compress_c*.json"):
         m = json.loads(path.read_text())
         for r in m["rows"]:
