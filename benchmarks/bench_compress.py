@@ -90,17 +90,14 @@ def measure_fused_training(args, interpret: bool):
     Triton launches are stubbed (the interpreter needs hours for a full-size backward; a kernel
     allocates nothing of its own, so the launchers' allocations are the path's)."""
     x, *w = args
-
-    def laid_out():   # the training ops re-lay out the conv weights at every call, forward and backward: counted
-        return (compress_op.kkio(w[0]), w[1], w[2], compress_op.kkio(w[3]), w[4], w[5], compress_op.kkio(w[6]),
-                compress_op.kkio(w[7]))
     with torch.no_grad():
         grad = torch.ones_like(dk.reference.compress(*args, eps=1e-6))
     stub = stubbed_launches(compress_kernel) if interpret else contextlib.nullcontext()
+    # the training ops re-lay out the conv weights at every call, forward and backward: counted
     with torch.no_grad(), stub, MemoryTracker() as memory:
-        tokens, *saved = compress_fwd(x, *laid_out(), 1e-6, interpret=interpret, train=True)
+        tokens, *saved = compress_fwd(x, *compress_op.kernel_weights(*w), 1e-6, interpret=interpret, train=True)
         saved_bytes = memory.live - _nbytes(tokens)
-        grads = compress_bwd(grad, x, *laid_out(), *saved, interpret=interpret)
+        grads = compress_bwd(grad, x, *compress_op.kernel_weights(*w), *saved, interpret=interpret)
         del tokens, saved, grads
     return dict(saved=saved_bytes, peak=memory.peak, allocated=memory.total)
 

@@ -9,7 +9,7 @@ import deepencoder_kernels as dk
 from deepencoder_kernels import reference as ref
 from deepencoder_kernels.kernels.compress import conv_dgrad, conv_wgrad, wgrad_splits
 from deepencoder_kernels.kernels.configs import compress_bwd_config
-from deepencoder_kernels.ops.compress import kkio
+from deepencoder_kernels.ops.compress import kernel_weights, kkio
 from conftest import assert_close, by_device, fused_backend
 from test_compress_kernel import make_args
 
@@ -227,7 +227,7 @@ def test_stubbed_launch_memory_equals_an_interpreted_run():
     from deepencoder_kernels.profiler import MemoryTracker, stubbed_launches
 
     x, *w = make_args(1, 9, 10, 24, 16, 16, 32, torch.float32)
-    kw = (kkio(w[0]), w[1], w[2], kkio(w[3]), w[4], w[5], kkio(w[6]), kkio(w[7]))
+    kw = kernel_weights(*w)
     figures = []
     for stub in (False, True):
         with (stubbed_launches(kernels) if stub else contextlib.nullcontext()), MemoryTracker() as memory:

@@ -125,10 +125,15 @@ def kkio(weight: torch.Tensor) -> torch.Tensor:
     return derived((weight,), "kkio", lambda: weight.detach().permute(2, 3, 1, 0).contiguous())
 
 
+def kernel_weights(neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w) -> tuple:
+    """The eight parameters as the kernels take them: the four conv weights through :func:`kkio`."""
+    return kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w), kkio(net3_w)
+
+
 def _fused(x, neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w, eps, interpret: bool):
     from deepencoder_kernels.kernels.compress import compress_fwd
 
-    return compress_fwd(x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w), kkio(net3_w),
+    return compress_fwd(x, *kernel_weights(neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w),
                         eps, interpret=interpret)
 
 
@@ -166,7 +171,7 @@ def _compress_train_op(
     """(tokens, c1, stats1, c2, stats2, y3): the forward plus the tensors its backward reads."""
     from deepencoder_kernels.kernels.compress import compress_fwd
 
-    return compress_fwd(x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w), kkio(net3_w),
+    return compress_fwd(x, *kernel_weights(neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w),
                         eps, interpret=TRITON_INTERPRET[backend], train=True)
 
 
@@ -203,8 +208,8 @@ def _compress_backward_op(
     """Gradients of x and the eight parameters, each in its input's shape and dtype."""
     from deepencoder_kernels.kernels.compress import compress_bwd
 
-    return compress_bwd(grad, x, kkio(neck0_w), neck1_w, neck1_b, kkio(neck2_w), neck3_w, neck3_b, kkio(net2_w),
-                        kkio(net3_w), c1, stats1, c2, stats2, y3, interpret=TRITON_INTERPRET[backend])
+    return compress_bwd(grad, x, *kernel_weights(neck0_w, neck1_w, neck1_b, neck2_w, neck3_w, neck3_b, net2_w, net3_w),
+                        c1, stats1, c2, stats2, y3, interpret=TRITON_INTERPRET[backend])
 
 
 @_compress_backward_op.register_fake
