@@ -104,6 +104,21 @@ def small_encoder_v2(seed: int = 0, dtype=torch.float32):
     return enc.to(dtype).eval()
 
 
+def small_sam(seed: int = 0):
+    """A narrow SAM trunk + compressor (head dim 64, windows of 14, one global block with [127, 64]
+    tables) whose rel-pos tables and positions are large enough to matter; on a 256 px image the
+    windowed blocks pad 16 -> 28 and the global block resizes its tables to 31 rows."""
+    from deepencoder_kernels.modules import SamEncoder
+
+    torch.manual_seed(seed)
+    sam = SamEncoder(dim=64, depth=3, num_heads=1, global_blocks=(1,), neck_dim=16, out_dim=32).eval()
+    with torch.no_grad():
+        for n, p in sam.named_parameters():
+            if "rel_pos" in n or "pos_embed" in n:
+                p.normal_(0, 0.3)
+    return sam
+
+
 def small_encoder(seed: int = 0):
     """A narrow DeepEncoder (same code paths, real grids) for fast CPU tests."""
     from deepencoder_kernels.modules import ClipVisionModel, DeepEncoder, MlpProjector, SamEncoder

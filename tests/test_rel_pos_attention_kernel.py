@@ -7,8 +7,8 @@ import torch
 
 import deepencoder_kernels as dk
 from deepencoder_kernels import reference as ref
-from deepencoder_kernels.modules.sam import SamBlock, SamEncoder
-from conftest import assert_close, by_device, fused_backend
+from deepencoder_kernels.modules.sam import SamBlock
+from conftest import assert_close, by_device, fused_backend, small_sam
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -151,25 +151,12 @@ def test_sam_block_with_fused_attention(device, window):
 def test_small_sam_trunk_fused_equals_reference(device):
     """SAM trunk (patch embed + windowed and global blocks, head_dim 64) on a 256 px image: the
     windowed blocks pad 16 -> 28, the global block resizes its [127, 64] tables to 31 rows."""
-    torch.manual_seed(0)
-    sam = SamEncoder(dim=64, depth=3, num_heads=1, global_blocks=(1,), neck_dim=16, out_dim=32).eval()
-    with torch.no_grad():
-        for n, p in sam.named_parameters():
-            if "rel_pos" in n or "pos_embed" in n:
-                p.normal_(0, 0.3)
-    sam.to(device)
-
-    def trunk(pixels):
-        x = sam.embed(pixels)
-        for blk in sam.blocks:
-            x = blk(x)
-        return x
-
+    sam = small_sam().to(device)
     pixels = torch.randn(1, 3, 256, 256).to(device)
     with torch.no_grad():
-        want = trunk(pixels)
+        want = sam.trunk(pixels)
         with dk.backend(fused_backend(device)):
-            got = trunk(pixels)
+            got = sam.trunk(pixels)
     assert dk.last_backends()["rel_pos_attention"].backend == fused_backend(device)
     assert_close(got, want, torch.float32)
 

@@ -11,7 +11,7 @@ from deepencoder_kernels import dispatch
 from deepencoder_kernels import reference as ref
 from deepencoder_kernels.ops import _sdpa_blocked as blocked
 from deepencoder_kernels.profiler import MemoryTracker
-from conftest import assert_close
+from conftest import assert_close, small_sam
 from test_rel_pos_attention_kernel import make_inputs
 from test_varlen_attention_kernel import cu_of, packed_qkv, per_sequence
 
@@ -161,14 +161,7 @@ def test_autograd_hands_over_to_the_reference():
 def test_sam_trunk_on_the_blocked_backend():
     """SAM trunk (windowed blocks padding 16 -> 28, a global block resizing its [127, 64] tables) through
     the modules, auto on CPU = sdpa-blocked."""
-    from deepencoder_kernels.modules.sam import SamEncoder
-
-    torch.manual_seed(0)
-    sam = SamEncoder(dim=64, depth=3, num_heads=1, global_blocks=(1,), neck_dim=16, out_dim=32).eval()
-    with torch.no_grad():
-        for n, p in sam.named_parameters():
-            if "rel_pos" in n or "pos_embed" in n:
-                p.normal_(0, 0.3)
+    sam = small_sam()
     pixels = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         with dk.backend("reference"):
